@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh clone:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## the whole pipeline on the built-in synthetic demo (config/config.yaml)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml all
+
+test: $(STAMP)  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check cmrcnet scripts tests bench
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf data processed logs .snakemake report.html

@@ -1,0 +1,25 @@
+# CMRCNet pipeline: HEST-1k (or local or synthetic) data -> genes -> folds -> patches -> ...
+# Demo on a laptop:   snakemake --cores 2            (config/config.yaml)
+# The paper's data:   snakemake --cores 8 --configfile config/paper.yaml
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The demo config is the default; a --configfile replaces it rather than merging into it.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/preprocess.smk"
+include: "rules/patches.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

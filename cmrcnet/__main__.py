@@ -1,0 +1,3 @@
+from cmrcnet.cli import main
+
+main()

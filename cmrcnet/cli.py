@@ -1,0 +1,173 @@
+"""The `cmrcnet` command: every pipeline step, callable without Snakemake.
+
+Each subcommand calls the same library function as the matching Snakemake rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from cmrcnet.logs import exit_on_input_error, setup_logging
+
+
+def _validate_config(args) -> None:
+    from cmrcnet.config import load_config
+
+    config = load_config(args.config)
+    n = sum(len(d["samples"]) for d in config["datasets"].values())
+    print(f"{args.config}: valid ({len(config['datasets'])} datasets, {n} samples)")
+
+
+def _synthesize(args) -> None:
+    from cmrcnet.data.synthetic import synthesize_sample
+
+    summary = synthesize_sample(
+        args.root, args.sample, technology=args.technology, sample_index=args.sample_index, seed=args.seed,
+        patient=args.patient or args.sample, width_um=args.width_um, height_um=args.height_um,
+        pixel_size_um=args.pixel_size_um,
+    )
+    print(json.dumps(summary, default=str))
+
+
+def _fetch(args) -> None:
+    from cmrcnet.data.hest import HEST_REPO, fetch_hest_sample
+
+    for sample in args.samples:
+        fetch_hest_sample(sample, args.root, repo_id=args.repo_id or HEST_REPO, extras=args.extras)
+        print(f"{sample}: fetched into {args.root}")
+
+
+def _link(args) -> None:
+    from cmrcnet.data.hest import link_local_sample
+
+    for sample in args.samples:
+        link_local_sample(sample, args.source, args.root)
+        print(f"{sample}: linked from {args.source}")
+
+
+def _select_genes(args) -> None:
+    from cmrcnet.data.genes import select_genes
+
+    st = {Path(p).stem: p for p in args.st}
+    table = select_genes(
+        st, args.out, method=args.method, dataset=args.dataset, n_top_hvg=args.n_top_hvg,
+        control_probe_patterns=args.control_patterns, marker_genes=args.markers,
+    )
+    print(f"{args.out}: {len(table)} genes")
+
+
+def _normalise(args) -> None:
+    from cmrcnet.data.genes import normalise_sample
+
+    adata = normalise_sample(args.st, args.genes, args.out, sample=Path(args.st).stem, dataset=args.dataset,
+                             target_sum=args.target_sum)
+    print(f"{args.out}: {adata.n_obs} spots x {adata.n_vars} genes")
+
+
+def _folds(args) -> None:
+    from cmrcnet.data.folds import write_folds
+
+    folds = write_folds({Path(p).stem: p for p in args.metadata}, args.out, scheme=args.scheme, dataset=args.dataset)
+    print(folds.to_string(index=False))
+
+
+def _patches(args) -> None:
+    from cmrcnet.data.patches import extract_patches
+
+    summary = extract_patches(
+        args.wsi, args.st, args.metadata, args.out_h5, args.out_spots, sample=Path(args.st).stem,
+        patch_px=args.size_px, um_per_px=args.um_per_px, off_slide=args.off_slide,
+    )
+    print(json.dumps(summary, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cmrcnet import __version__
+    from cmrcnet.config import SCHEMA_PATH, load_yaml
+
+    defaults = {k: v.get("default") for k, v in load_yaml(SCHEMA_PATH)["properties"]["genes"]["properties"].items()}
+    parser = argparse.ArgumentParser(prog="cmrcnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cmrcnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate-config", help="check a config file against config/schema.yaml")
+    p.add_argument("config")
+    p.set_defaults(func=_validate_config)
+
+    p = sub.add_parser("synthesize", help="write one synthetic sample in HEST layout")
+    p.add_argument("root", help="dataset folder (st/, wsis/, metadata/ are created inside)")
+    p.add_argument("sample")
+    p.add_argument("--technology", choices=["visium", "xenium"], default="visium")
+    p.add_argument("--sample-index", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patient")
+    p.add_argument("--width-um", type=float, default=1600)
+    p.add_argument("--height-um", type=float, default=1600)
+    p.add_argument("--pixel-size-um", type=float, default=0.35)
+    p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("fetch", help="download HEST-1k samples (needs HF_TOKEN or `hf auth login`)")
+    p.add_argument("root")
+    p.add_argument("samples", nargs="+")
+    p.add_argument("--repo-id")
+    p.add_argument("--extras", nargs="*", default=[])
+    p.set_defaults(func=_fetch)
+
+    p = sub.add_parser("link", help="validate samples of a local HEST-layout folder and symlink them")
+    p.add_argument("source")
+    p.add_argument("root")
+    p.add_argument("samples", nargs="+")
+    p.set_defaults(func=_link)
+
+    p = sub.add_parser("select-genes", help="choose a dataset's gene set from its samples' raw .h5ad")
+    p.add_argument("out")
+    p.add_argument("st", nargs="+", help="raw .h5ad files, one per sample (sample = file stem)")
+    p.add_argument("--method", choices=["hvg_union", "panel"], required=True)
+    p.add_argument("--dataset", default="dataset")
+    p.add_argument("--n-top-hvg", type=int, default=defaults["n_top_hvg"])
+    p.add_argument("--markers", nargs="*", default=[])
+    p.add_argument("--control-patterns", nargs="*", default=defaults["control_probe_patterns"])
+    p.set_defaults(func=_select_genes)
+
+    p = sub.add_parser("normalise", help="in-tissue spots, the gene set, normalize_total + log1p")
+    p.add_argument("st")
+    p.add_argument("genes")
+    p.add_argument("out")
+    p.add_argument("--dataset", default="dataset")
+    p.add_argument("--target-sum", type=float)
+    p.set_defaults(func=_normalise)
+
+    p = sub.add_parser("folds", help="cross-validation folds from the samples' metadata JSON")
+    p.add_argument("out")
+    p.add_argument("metadata", nargs="+")
+    p.add_argument("--scheme", choices=["leave_one_sample_out", "leave_one_patient_out"],
+                   default="leave_one_sample_out")
+    p.add_argument("--dataset", default="dataset")
+    p.set_defaults(func=_folds)
+
+    p = sub.add_parser("patches", help="extract spot-centred patches to HDF5 + Parquet")
+    p.add_argument("wsi")
+    p.add_argument("st")
+    p.add_argument("metadata")
+    p.add_argument("out_h5")
+    p.add_argument("out_spots")
+    p.add_argument("--size-px", type=int, default=224)
+    p.add_argument("--um-per-px", type=float, default=0.5)
+    p.add_argument("--off-slide", choices=["pad", "drop"], default="pad")
+    p.set_defaults(func=_patches)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
+    with exit_on_input_error():
+        args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Load and check the pipeline config: the JSON schema (shape, defaults) plus the rules a schema can't say."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmrcnet.errors import CMRCNetError, input_error
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO_ROOT / "config" / "schema.yaml"
+DEFAULT_GENE_SELECTION = {"visium": "hvg_union", "xenium": "panel"}
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise input_error(path, f"invalid YAML ({problem})") from None
+
+
+def _validator_with_defaults(schema: dict):
+    """A jsonschema validator that also fills `default` values, as Snakemake's `validate` does."""
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(schema)
+
+    def fill_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": fill_defaults})(schema)
+
+
+def validate_schema(config: Any, where: str | Path = "config", schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Validate against the schema (filling defaults in place); raise one line naming the key."""
+    if config is None or config == {}:
+        raise input_error(where, "config is empty; it needs at least a `datasets` section")
+    if not isinstance(config, dict):
+        raise input_error(where, f"config must be a mapping, got {type(config).__name__}")
+    schema = load_yaml(schema_path)
+    validator = _validator_with_defaults(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise input_error(where, f"{key}: {err.message}")
+    return config
+
+
+def check_config(config: dict, where: str | Path = "config") -> dict:
+    """Cross-field rules: unique samples, enough samples for cross-validation, source-specific keys.
+
+    Fills derived defaults (gene selection by technology, per-dataset fold scheme) in place.
+    """
+    seen: dict[str, str] = {}
+    for name, ds in config["datasets"].items():
+        key = f"datasets.{name}"
+        samples = ds["samples"]
+        for sample in samples:
+            if sample in seen:
+                raise input_error(where, f"{key}.samples: sample {sample} is also listed in dataset {seen[sample]}")
+            seen[sample] = name
+        if len(samples) < 2:
+            raise input_error(
+                where, f"{key}.samples: only {len(samples)} sample ({samples[0]}); cross-validation needs at least 2"
+            )
+        if ds["source"] == "local" and not ds.get("local_dir"):
+            raise input_error(where, f"{key}.local_dir: required when source is local")
+        if ds["source"] != "local" and ds.get("local_dir"):
+            raise input_error(where, f"{key}.local_dir: only used when source is local (source is {ds['source']})")
+        unknown = sorted(set(ds.get("synthetic", {}).get("patients", {})) - set(samples))
+        if unknown:
+            raise input_error(where, f"{key}.synthetic.patients: unknown samples {', '.join(unknown)}")
+        ds.setdefault("gene_selection", DEFAULT_GENE_SELECTION[ds["technology"]])
+        ds.setdefault("folds_scheme", config["folds"]["scheme"])
+    return config
+
+
+def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Read, validate and complete a config file, for use outside Snakemake."""
+    config = load_yaml(path)
+    validate_schema(config, where=path, schema_path=schema_path)
+    return check_config(config, where=path)
+
+
+def dataset_config(config: dict, dataset: str) -> dict:
+    try:
+        return config["datasets"][dataset]
+    except KeyError:
+        known = ", ".join(config["datasets"])
+        raise CMRCNetError(f"config: unknown dataset {dataset!r}; known datasets: {known}") from None
+
+
+def datasets_by_source(config: dict, source: str) -> list[str]:
+    return [name for name, ds in config["datasets"].items() if ds["source"] == source]

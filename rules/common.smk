@@ -1,0 +1,60 @@
+# Config validation, sample tables, path helpers and input functions shared by every stage.
+import re
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from snakemake.utils import validate
+
+from cmrcnet.config import check_config, datasets_by_source, validate_schema
+
+# Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
+CONFIG_NAME = ", ".join(map(str, workflow.config_settings.configfiles)) or "config"
+validate_schema(config, where=CONFIG_NAME)
+validate(config, schema="../config/schema.yaml")
+check_config(config, where=CONFIG_NAME)
+
+DATA = config["data_dir"]
+PROC = config["processed_dir"]
+LOGS = config["log_dir"]
+DATASETS = list(config["datasets"])
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(map(re.escape, names)) if names else "(?!x)x"
+
+
+wildcard_constraints:
+    dataset=one_of(DATASETS),
+    sample=one_of([s for ds in config["datasets"].values() for s in ds["samples"]]),
+
+
+def samples(dataset):
+    return config["datasets"][dataset]["samples"]
+
+
+def raw_files(kind, wildcards):
+    """Every sample's raw `st`, `wsis` or `metadata` file of the wildcard's dataset."""
+    pattern = {"st": RAW_ST, "wsis": RAW_WSI, "metadata": RAW_META}[kind]
+    return expand(pattern, dataset=wildcards.dataset, sample=samples(wildcards.dataset))
+
+
+RAW_ST = f"{DATA}/{{dataset}}/st/{{sample}}.h5ad"
+RAW_WSI = f"{DATA}/{{dataset}}/wsis/{{sample}}.tif"
+RAW_META = f"{DATA}/{{dataset}}/metadata/{{sample}}.json"
+GENES = f"{PROC}/{{dataset}}/genes.tsv"
+NORMALISED = f"{PROC}/{{dataset}}/st/{{sample}}.h5ad"
+FOLDS = f"{PROC}/{{dataset}}/folds.tsv"
+PATCHES = f"{PROC}/{{dataset}}/patches/{{sample}}.h5"
+SPOTS = f"{PROC}/{{dataset}}/spots/{{sample}}.parquet"
+
+
+def all_targets():
+    """Everything the pipeline makes so far, for every dataset in the config."""
+    targets = []
+    for ds in DATASETS:
+        targets += [GENES.format(dataset=ds), FOLDS.format(dataset=ds)]
+        for pattern in (NORMALISED, PATCHES, SPOTS):
+            targets += expand(pattern, dataset=ds, sample=samples(ds))
+    return targets

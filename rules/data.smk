@@ -1,0 +1,55 @@
+# One rule per data source; each writes the sample's HEST layout under {data_dir}/{dataset}/.
+
+
+rule synthesize:
+    output:
+        st=RAW_ST,
+        wsi=RAW_WSI,
+        metadata=RAW_META,
+    params:
+        root=f"{DATA}/{{dataset}}",
+    log:
+        f"{LOGS}/synthesize/{{dataset}}/{{sample}}.log",
+    wildcard_constraints:
+        dataset=one_of(datasets_by_source(config, "synthetic")),
+    conda:
+        "../envs/cmrcnet.yaml"
+    script:
+        "../scripts/synthesize.py"
+
+
+rule fetch_hest:
+    output:
+        st=RAW_ST,
+        wsi=RAW_WSI,
+        metadata=RAW_META,
+    params:
+        root=f"{DATA}/{{dataset}}",
+    log:
+        f"{LOGS}/fetch_hest/{{dataset}}/{{sample}}.log",
+    wildcard_constraints:
+        dataset=one_of(datasets_by_source(config, "hest")),
+    resources:
+        hest_downloads=1,
+    retries: 2
+    conda:
+        "../envs/cmrcnet.yaml"
+    script:
+        "../scripts/fetch_hest.py"
+
+
+rule link_local:
+    output:
+        st=RAW_ST,
+        wsi=RAW_WSI,
+        metadata=RAW_META,
+    params:
+        root=f"{DATA}/{{dataset}}",
+    log:
+        f"{LOGS}/link_local/{{dataset}}/{{sample}}.log",
+    wildcard_constraints:
+        dataset=one_of(datasets_by_source(config, "local")),
+    conda:
+        "../envs/cmrcnet.yaml"
+    script:
+        "../scripts/link_local.py"

@@ -1,0 +1,10 @@
+"""Snakemake entry point for rule `extract_patches` (logic in cmrcnet.workflow.extract_patches)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - importable without installing
+
+from cmrcnet import workflow  # noqa: E402
+
+workflow.run(snakemake, workflow.extract_patches)  # noqa: F821

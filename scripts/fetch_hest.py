@@ -1,0 +1,10 @@
+"""Snakemake entry point for rule `fetch_hest` (logic in cmrcnet.workflow.fetch_hest)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - importable without installing
+
+from cmrcnet import workflow  # noqa: E402
+
+workflow.run(snakemake, workflow.fetch_hest)  # noqa: F821

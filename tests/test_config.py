@@ -1,0 +1,93 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmrcnet.config import REPO_ROOT, check_config, load_config, validate_schema
+from cmrcnet.errors import CMRCNetError
+
+DEMO = REPO_ROOT / "config" / "config.yaml"
+PAPER = REPO_ROOT / "config" / "paper.yaml"
+
+
+def write(tmp_path, config) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config) if not isinstance(config, str) else config)
+    return path
+
+
+def minimal():
+    return {"datasets": {"d1": {"source": "synthetic", "technology": "visium", "samples": ["S1", "S2"]}}}
+
+
+def test_shipped_configs_are_valid_and_get_defaults():
+    demo = load_config(DEMO)
+    assert demo["patches"]["size_px"] == 224 and demo["patches"]["um_per_px"] == 0.5
+    assert demo["datasets"]["demo-xenium"]["gene_selection"] == "panel"
+    assert demo["datasets"]["demo-visium"]["gene_selection"] == "hvg_union"
+    paper = load_config(PAPER)
+    assert set(paper["datasets"]) == {"IDC-LymphNode", "SKCM", "READ", "COAD", "IDC", "PSC"}
+    assert paper["datasets"]["READ"]["samples"] == ["ZEN36", "ZEN40", "ZEN48", "ZEN49"]
+    assert all(d["source"] == "hest" for d in paper["datasets"].values())
+    assert paper["genes"]["n_top_hvg"] == 1000
+
+
+def test_paper_config_matches_shared_dataset_table():
+    import pandas as pd
+
+    table = REPO_ROOT.parent / "shared" / "paper" / "datasets.csv"
+    if not table.exists():
+        pytest.skip("shared/paper/datasets.csv is not beside this checkout")
+    paper = load_config(PAPER)["datasets"]
+    for row in pd.read_csv(table).itertuples():
+        assert paper[row.dataset]["samples"] == row.hest_ids.split()
+        assert paper[row.dataset]["marker_genes"] == row.marker_genes.split()
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["datasets"]["d1"].update(samples=["S1", "S1"]), "datasets.d1.samples"),
+        (lambda c: c["datasets"]["d1"].update(samples=["S1"]), "cross-validation needs at least 2"),
+        (lambda c: c["datasets"]["d1"].update(source="ftp"), "datasets.d1.source"),
+        (lambda c: c["datasets"]["d1"].update(technology="slideseq"), "datasets.d1.technology"),
+        (lambda c: c.update(patches={"size_px": "big"}), "patches.size_px"),
+        (lambda c: c.update(unknown_key=1), "unknown_key"),
+        (lambda c: c["datasets"].update(d2={"source": "synthetic", "technology": "xenium", "samples": ["S2", "S3"]}),
+         "sample S2 is also listed in dataset d1"),
+        (lambda c: c["datasets"]["d1"].update(source="local"), "datasets.d1.local_dir: required"),
+        (lambda c: c["datasets"]["d1"].update(synthetic={"patients": {"S9": "P"}}), "unknown samples S9"),
+        (lambda c: c["datasets"].clear(), "datasets"),
+    ],
+)
+def test_invalid_configs_name_the_key(tmp_path, mutate, expected):
+    config = minimal()
+    mutate(config)
+    path = write(tmp_path, config)
+    with pytest.raises(CMRCNetError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text, expected", [("", "config is empty"), ("datasets: [\n", "invalid YAML"),
+                                            ("- a\n- b\n", "must be a mapping")])
+def test_empty_or_broken_config(tmp_path, text, expected):
+    with pytest.raises(CMRCNetError, match=expected):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(CMRCNetError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_do_not_override_given_values():
+    config = minimal()
+    config["datasets"]["d1"]["gene_selection"] = "panel"
+    config["folds"] = {"scheme": "leave_one_patient_out"}
+    check_config(validate_schema(copy.deepcopy(config)))
+    done = check_config(validate_schema(config))
+    assert done["datasets"]["d1"]["gene_selection"] == "panel"
+    assert done["datasets"]["d1"]["folds_scheme"] == "leave_one_patient_out"

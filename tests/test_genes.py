@@ -1,0 +1,124 @@
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cmrcnet.data.genes import is_control_probe, normalise_sample, read_gene_table, select_genes
+from cmrcnet.errors import CMRCNetError
+from tests.conftest import make_counts_adata
+
+CONTROLS = ["^BLANK", "^NegControl", "^Unassigned"]
+
+
+def hvg_sample(seed, variable, n_genes=300, n_spots=300):
+    """Poisson counts over a realistic spread of gene means; the genes in `variable` are bimodal (0 or 2x mean)."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(n_genes)]
+    means = np.exp(np.random.default_rng(99).normal(2, 1, n_genes))
+    X = rng.poisson(means, size=(n_spots, n_genes))
+    for g in variable:
+        j = genes.index(g)
+        X[:, j] = np.where(rng.random(n_spots) < 0.5, 0, rng.poisson(2 * means[j], n_spots))
+    adata = make_counts_adata(n_spots, genes, seed)
+    adata.X = sp.csr_matrix(X.astype(np.int32))
+    return adata
+
+
+def write(tmp_path, name, adata):
+    path = tmp_path / f"{name}.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_hvg_union_takes_each_samples_variable_genes(tmp_path):
+    s1 = write(tmp_path, "S1", hvg_sample(1, ["G010", "G020", "G030"]))
+    s2 = write(tmp_path, "S2", hvg_sample(2, ["G030", "G040", "G050"]))
+    table = select_genes({"S1": s1, "S2": s2}, tmp_path / "genes.tsv", method="hvg_union", dataset="d", n_top_hvg=3)
+    assert list(table["gene"]) == ["G010", "G020", "G030", "G040", "G050"]
+    assert dict(zip(table.gene, table.n_samples_hvg))["G030"] == 2
+    assert list(read_gene_table(tmp_path / "genes.tsv")["gene"]) == list(table["gene"])
+
+
+def test_hvg_uses_in_tissue_spots_only(tmp_path):
+    adata = hvg_sample(1, ["G010"])
+    on = np.r_[np.ones(150, int), np.zeros(150, int)]
+    adata.obs["in_tissue"] = on
+    X = adata.X.toarray()
+    X[150:, 70] = np.tile([0, 500], 75)  # G070 varies wildly, but only off tissue
+    adata.X = sp.csr_matrix(X)
+    s1 = write(tmp_path, "S1", adata)
+    s2 = write(tmp_path, "S2", hvg_sample(2, ["G010"]))
+    table = select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=1)
+    assert list(table.gene) == ["G010"]
+
+
+def test_panel_drops_control_probes_and_warns_on_missing_markers(tmp_path, caplog):
+    genes = ["EPCAM", "CD24", "BLANK_0001", "NegControlProbe_00002", "UnassignedCodeword_0003", "GATA3"]
+    s1 = write(tmp_path, "S1", make_counts_adata(genes=genes, seed=1))
+    s2 = write(tmp_path, "S2", make_counts_adata(genes=genes, seed=2))
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        table = select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="panel", dataset="d",
+                             control_probe_patterns=CONTROLS, marker_genes=["GATA3", "RND"])
+    assert list(table.gene) == ["CD24", "EPCAM", "GATA3"]
+    assert list(table.is_marker) == [False, False, True]
+    assert "marker gene RND" in caplog.text
+
+
+def test_control_probe_patterns():
+    assert is_control_probe("BLANK_0012", CONTROLS) and is_control_probe("NegControlProbe_1", CONTROLS)
+    assert not is_control_probe("BLANKET1", ["^BLANK_"]) and not is_control_probe("EPCAM", CONTROLS)
+
+
+def test_panel_keeps_genes_shared_by_every_sample(tmp_path):
+    s1 = write(tmp_path, "S1", make_counts_adata(genes=("A", "B", "C")))
+    s2 = write(tmp_path, "S2", make_counts_adata(genes=("B", "C", "D")))
+    table = select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="panel", dataset="d")
+    assert list(table.gene) == ["B", "C"]
+
+
+def test_normalise_keeps_gene_order_counts_and_in_tissue(tmp_path):
+    adata = make_counts_adata(n_spots=40, genes=("A", "B", "C", "D"), in_tissue=np.r_[np.ones(30), np.zeros(10)])
+    st = write(tmp_path, "S1", adata)
+    pd.DataFrame({"gene": ["D", "B"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "out" / "S1.h5ad", sample="S1", dataset="d",
+                           target_sum=1e4)
+    back = ad.read_h5ad(tmp_path / "out" / "S1.h5ad")
+    assert list(back.var_names) == ["D", "B"] and back.n_obs == 30
+    raw = adata[:30, ["D", "B"]].X.toarray()
+    np.testing.assert_array_equal(back.layers["counts"].toarray(), raw)
+    totals = raw.sum(1, keepdims=True)
+    np.testing.assert_allclose(back.X.toarray(), np.log1p(raw / np.maximum(totals, 1) * 1e4), rtol=1e-5)
+    assert out.obs["sample"].eq("S1").all() and "cmrcnet" in back.uns
+
+
+def test_normalise_errors_name_the_file(tmp_path):
+    st = write(tmp_path, "S1", make_counts_adata(genes=("A", "B")))
+    pd.DataFrame({"gene": ["A", "ZZZ"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = tmp_path / "o.h5ad"
+    with pytest.raises(CMRCNetError, match=r"S1.h5ad: 1 genes .* not measured here: ZZZ"):
+        normalise_sample(st, tmp_path / "genes.tsv", out, sample="S1", dataset="d")
+    assert not out.exists() and not list(tmp_path.glob(".o.h5ad*"))
+
+
+def test_normalised_input_is_refused(tmp_path):
+    adata = make_counts_adata(genes=("A", "B"))
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray().astype(float)) + 0.1)
+    st = write(tmp_path, "S1", adata)
+    with pytest.raises(CMRCNetError, match="raw integer counts"):
+        select_genes({"S1": st, "S2": st}, tmp_path / "g.tsv", method="panel", dataset="d")
+
+
+def test_missing_and_corrupt_h5ad(tmp_path):
+    bad = tmp_path / "S1.h5ad"
+    bad.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(CMRCNetError, match="S1.h5ad: cannot read as AnnData"):
+        select_genes({"S1": bad}, tmp_path / "g.tsv", method="panel", dataset="d")
+    with pytest.raises(CMRCNetError, match="S9.h5ad: expression file .* not found"):
+        select_genes({"S9": tmp_path / "S9.h5ad"}, tmp_path / "g.tsv", method="panel", dataset="d")
+    nospatial = write(tmp_path, "S2", make_counts_adata(with_spatial=False))
+    with pytest.raises(CMRCNetError, match=r"S2.h5ad: no spatial coordinates"):
+        select_genes({"S2": nospatial}, tmp_path / "g.tsv", method="panel", dataset="d")
+    assert not (tmp_path / "g.tsv").exists()
