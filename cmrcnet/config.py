@@ -79,9 +79,9 @@ def check_config(config: dict, where: str | Path = "config") -> dict:
             raise input_error(where, f"{key}.local_dir: required when source is local")
         if ds["source"] != "local" and ds.get("local_dir"):
             raise input_error(where, f"{key}.local_dir: only used when source is local (source is {ds['source']})")
-        unknown = sorted(set(ds.get("synthetic", {}).get("patients", {})) - set(samples))
+        unknown = sorted(set(ds["patients"]) - set(samples))
         if unknown:
-            raise input_error(where, f"{key}.synthetic.patients: unknown samples {', '.join(unknown)}")
+            raise input_error(where, f"{key}.patients: unknown samples {', '.join(unknown)}")
         ds.setdefault("gene_selection", DEFAULT_GENE_SELECTION[ds["technology"]])
         ds.setdefault("folds_scheme", config["folds"]["scheme"])
     return config
@@ -104,3 +104,24 @@ def dataset_config(config: dict, dataset: str) -> dict:
 
 def datasets_by_source(config: dict, source: str) -> list[str]:
     return [name for name, ds in config["datasets"].items() if ds["source"] == source]
+
+
+def planned_folds(config: dict, dataset: str) -> list[int]:
+    """Fold ids known before any data exists, so Snakemake can plan one training job per fold.
+
+    Leave-one-sample-out has one fold per sample. Leave-one-patient-out needs every sample's patient in the
+    config (`patients:`); the folds rule then writes the same grouping from those patients.
+    """
+    ds = dataset_config(config, dataset)
+    if ds["folds_scheme"] == "leave_one_sample_out":
+        return list(range(len(ds["samples"])))
+    missing = [s for s in ds["samples"] if s not in ds["patients"]]
+    if missing and ds["source"] != "synthetic":
+        raise CMRCNetError(
+            f"config: datasets.{dataset}.patients: leave_one_patient_out needs each sample's patient to plan the "
+            f"folds; missing for {', '.join(missing)} (HEST's metadata/{{id}}.json lists them)"
+        )
+    patients = {ds["patients"].get(s, s) for s in ds["samples"]}
+    if len(patients) < 2:
+        raise CMRCNetError(f"config: datasets.{dataset}.patients: leave_one_patient_out needs at least 2 patients")
+    return list(range(len(patients)))

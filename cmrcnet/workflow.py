@@ -20,13 +20,12 @@ def synthesize(smk) -> None:
     from cmrcnet.data.synthetic import synthesize_sample
 
     ds = smk.config["datasets"][smk.wildcards.dataset]
-    spec = dict(ds["synthetic"])
-    patients = spec.pop("patients")
+    spec = ds["synthetic"]
     sample = smk.wildcards.sample
     root = smk.params.root
     synthesize_sample(
         root, sample, technology=ds["technology"], sample_index=ds["samples"].index(sample),
-        patient=patients.get(sample, sample), provenance_info=_dataset_provenance(smk), **spec,
+        patient=ds["patients"].get(sample, sample), provenance_info=_dataset_provenance(smk), **spec,
     )
 
 
@@ -74,7 +73,7 @@ def folds(smk) -> None:
     ds = smk.config["datasets"][smk.wildcards.dataset]
     write_folds(
         dict(zip(ds["samples"], smk.input.metadata)), smk.output[0], scheme=ds["folds_scheme"],
-        dataset=smk.wildcards.dataset,
+        dataset=smk.wildcards.dataset, patients=ds["patients"],
     )
 
 

@@ -7,12 +7,17 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.utils import validate
 
 from cmrcnet.config import check_config, datasets_by_source, validate_schema
+from cmrcnet.errors import CMRCNetError
 
 # Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
 CONFIG_NAME = ", ".join(map(str, workflow.config_settings.configfiles)) or "config"
-validate_schema(config, where=CONFIG_NAME)
-validate(config, schema="../config/schema.yaml")
-check_config(config, where=CONFIG_NAME)
+try:
+    validate_schema(config, where=CONFIG_NAME)
+    validate(config, schema="../config/schema.yaml")
+    check_config(config, where=CONFIG_NAME)
+except CMRCNetError as err:  # one line, not a traceback, for a config mistake
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(1)
 
 DATA = config["data_dir"]
 PROC = config["processed_dir"]

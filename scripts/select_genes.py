@@ -5,6 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - importable without installing
 
-from cmrcnet import workflow  # noqa: E402
+from cmrcnet import workflow
 
 workflow.run(snakemake, workflow.select_genes)  # noqa: F821

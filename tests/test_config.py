@@ -57,7 +57,7 @@ def test_paper_config_matches_shared_dataset_table():
         (lambda c: c["datasets"].update(d2={"source": "synthetic", "technology": "xenium", "samples": ["S2", "S3"]}),
          "sample S2 is also listed in dataset d1"),
         (lambda c: c["datasets"]["d1"].update(source="local"), "datasets.d1.local_dir: required"),
-        (lambda c: c["datasets"]["d1"].update(synthetic={"patients": {"S9": "P"}}), "unknown samples S9"),
+        (lambda c: c["datasets"]["d1"].update(patients={"S9": "P"}), "unknown samples S9"),
         (lambda c: c["datasets"].clear(), "datasets"),
     ],
 )

@@ -50,3 +50,11 @@ def test_read_folds_refuses_empty_fold(tmp_path):
     pd.DataFrame({"fold": [0, 0], "sample": ["A", "B"], "role": ["train", "train"]}).to_csv(path, sep="\t", index=False)
     with pytest.raises(CMRCNetError, match="fold 0 is empty"):
         read_folds(path)
+
+
+def test_config_patients_override_metadata(tmp_path, write_sample, caplog):
+    md = {name: write_sample(name, patient="same")[1] for name in ("S1", "S2", "S3")}
+    folds = write_folds(md, tmp_path / "f.tsv", scheme="leave_one_patient_out", dataset="ds",
+                        patients={"S1": "A", "S2": "A", "S3": "B"})
+    assert folds["fold"].nunique() == 2
+    assert "using the config" in caplog.text

@@ -1,0 +1,1 @@
+"""Data stages: sources (HEST download, local, synthetic), genes, folds, slides and patches."""

@@ -1,0 +1,172 @@
+"""Gene selection per dataset and normalisation per sample, as in the paper.
+
+Visium: union of each sample's top highly variable genes (scanpy); Xenium: the panel minus blank and
+control probes. Only in-tissue spots count. Every processed sample carries the same genes in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cmrcnet.data.layout import in_tissue_mask, read_st
+from cmrcnet.errors import input_error
+from cmrcnet.io import atomic_path, write_table
+
+log = logging.getLogger("cmrcnet")
+
+
+def is_control_probe(gene: str, patterns: Iterable[str]) -> bool:
+    return any(re.search(p, gene) for p in patterns)
+
+
+def _in_tissue(adata, path):
+    mask = in_tissue_mask(adata)
+    if not mask.any():
+        raise input_error(path, "no in-tissue spots (obs['in_tissue'] is 0 everywhere)")
+    return adata[mask].copy()
+
+
+def _counts_are_raw(adata, path) -> None:
+    """Normalising twice silently ruins every downstream number, so refuse non-count input."""
+    X = adata.X
+    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    sample = values[: 100_000]
+    if sample.size and (np.any(sample < 0) or not np.allclose(sample, np.round(sample))):
+        raise input_error(path, "X does not hold raw integer counts (negative or fractional values found)")
+
+
+def sample_hvgs(adata, n_top: int, flavor: str, min_spots: int) -> list[str]:
+    """Top highly variable genes of one sample's in-tissue spots (log-normalised copy)."""
+    import scanpy as sc
+
+    ad = adata.copy()
+    sc.pp.filter_genes(ad, min_cells=max(min_spots, 1))
+    sc.pp.normalize_total(ad)
+    sc.pp.log1p(ad)
+    n_top = min(n_top, ad.n_vars)
+    sc.pp.highly_variable_genes(ad, n_top_genes=n_top, flavor=flavor)
+    hv = ad.var[ad.var["highly_variable"]]
+    return list(hv.index)
+
+
+def select_genes(
+    st_files: Mapping[str, str | Path],
+    out_tsv: str | Path,
+    *,
+    method: str,
+    dataset: str,
+    n_top_hvg: int = 1000,
+    hvg_flavor: str = "seurat",
+    min_spots: int = 1,
+    control_probe_patterns: Iterable[str] = (),
+    marker_genes: Iterable[str] = (),
+) -> pd.DataFrame:
+    """Choose the dataset's gene set and write it as a table (gene, source, n_samples_hvg, is_marker)."""
+    if len(st_files) == 0:
+        raise input_error(f"dataset {dataset}", "no samples to select genes from")
+    patterns = list(control_probe_patterns)
+    shared: set[str] | None = None
+    hvg_counts: dict[str, int] = {}
+    for sample, path in st_files.items():
+        adata = _in_tissue(read_st(path), path)
+        _counts_are_raw(adata, path)
+        genes = set(adata.var_names)
+        shared = genes if shared is None else shared & genes
+        if method == "hvg_union":
+            for gene in sample_hvgs(adata, n_top_hvg, hvg_flavor, min_spots):
+                hvg_counts[gene] = hvg_counts.get(gene, 0) + 1
+            log.info("%s: %d highly variable genes", sample, n_top_hvg)
+    assert shared is not None
+    if method == "hvg_union":
+        chosen = {g for g in hvg_counts if g in shared}
+        lost = len(hvg_counts) - len(chosen)
+        if lost:
+            log.warning("dataset %s: %d highly variable genes are not measured in every sample; left out", dataset, lost)
+    elif method == "panel":
+        controls = {g for g in shared if is_control_probe(g, patterns)}
+        chosen = shared - controls
+        log.info("dataset %s: panel of %d genes, %d control probes removed", dataset, len(shared), len(controls))
+    else:
+        raise input_error("gene_selection", f"unknown method {method!r}; use hvg_union or panel")
+
+    markers = []
+    for gene in marker_genes:
+        if gene in shared:
+            markers.append(gene)
+        else:
+            log.warning("dataset %s: marker gene %s is not measured in every sample; left out", dataset, gene)
+    chosen |= set(markers)
+    if not chosen:
+        raise input_error(f"dataset {dataset}", "gene selection left no genes")
+    genes = sorted(chosen)
+    table = pd.DataFrame(
+        {
+            "gene": genes,
+            "source": ["marker" if g in markers and g not in hvg_counts and method == "hvg_union" else method
+                       for g in genes],
+            "n_samples_hvg": [hvg_counts.get(g, 0) for g in genes],
+            "is_marker": [g in markers for g in genes],
+        }
+    )
+    write_table(out_tsv, table)
+    log.info("dataset %s: %d genes selected (%s), %d marker genes", dataset, len(genes), method, len(markers))
+    return table
+
+
+def read_gene_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "gene table not found")
+    table = pd.read_csv(path, sep="\t")
+    if "gene" not in table.columns or table["gene"].isna().any() or not table["gene"].is_unique:
+        raise input_error(path, "gene table needs a 'gene' column of unique names")
+    return table
+
+
+def normalise_sample(
+    st_file: str | Path,
+    genes_tsv: str | Path,
+    out_h5ad: str | Path,
+    *,
+    sample: str,
+    dataset: str,
+    target_sum: float | None = None,
+    provenance_info: dict | None = None,
+):
+    """In-tissue spots, the dataset's genes in its order, normalize_total + log1p; raw counts in layers['counts']."""
+    import scanpy as sc
+
+    genes = list(read_gene_table(genes_tsv)["gene"])
+    adata = _in_tissue(read_st(st_file), st_file)
+    _counts_are_raw(adata, st_file)
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise input_error(st_file, f"{len(missing)} genes of {genes_tsv} are not measured here: {shown}")
+    adata = adata[:, genes].copy()
+    X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
+    adata.X = X.astype(np.float32)
+    adata.layers["counts"] = X.astype(np.int32)
+    empty = int((np.asarray(X.sum(axis=1)).ravel() == 0).sum())
+    if empty:
+        log.warning("%s: %d in-tissue spots have no counts in the selected genes", sample, empty)
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.obs["sample"] = sample
+    adata.obs["dataset"] = dataset
+    adata.uns["cmrcnet"] = json.dumps(
+        {"sample": sample, "dataset": dataset, "target_sum": target_sum, "provenance": provenance_info}, default=str
+    )
+    adata.uns.pop("log1p", None)
+    with atomic_path(out_h5ad) as tmp:
+        adata.write_h5ad(tmp)
+    log.info("%s: %d in-tissue spots x %d genes normalised", sample, adata.n_obs, adata.n_vars)
+    return adata

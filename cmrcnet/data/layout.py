@@ -1,0 +1,134 @@
+"""HEST-1k's on-disk layout and the checks every reader of it shares.
+
+A sample `ID` lives under a root as `st/ID.h5ad` (raw counts, `obsm['spatial']` = full-resolution pixel
+centres), `wsis/ID.tif` (pyramidal TIFF) and `metadata/ID.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cmrcnet.errors import input_error
+
+PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
+
+
+def st_path(root: str | Path, sample: str) -> Path:
+    return Path(root) / "st" / f"{sample}.h5ad"
+
+
+def wsi_path(root: str | Path, sample: str) -> Path:
+    return Path(root) / "wsis" / f"{sample}.tif"
+
+
+def metadata_path(root: str | Path, sample: str) -> Path:
+    return Path(root) / "metadata" / f"{sample}.json"
+
+
+def sample_paths(root: str | Path, sample: str) -> dict[str, Path]:
+    return {"st": st_path(root, sample), "wsi": wsi_path(root, sample), "metadata": metadata_path(root, sample)}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Read a sample's metadata JSON, with a one-line error when it is missing or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "metadata file not found")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise input_error(path, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise input_error(path, "metadata must be a JSON object")
+    return meta
+
+
+def metadata_pixel_size_um(meta: dict) -> float | None:
+    """HEST's pixel size from the metadata; the estimated value is the one HEST recommends."""
+    for key in PIXEL_SIZE_KEYS:
+        value = meta.get(key)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def tiff_pixel_size_um(path: str | Path) -> float | None:
+    """Pixel size from the TIFF resolution tags of the first page, or None when they are absent."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        tags = page.tags
+        if "XResolution" not in tags:
+            return None
+        num, den = tags["XResolution"].value
+        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
+        if not num or not den:
+            return None
+        per_unit = num / den  # pixels per unit
+        unit = int(unit)
+        if unit == 3:  # centimetre
+            return 1e4 / per_unit
+        if unit == 2:  # inch
+            # An inch resolution of exactly 72 or 1 px/inch is a writer's default, not a measurement.
+            if per_unit in (1.0, 72.0, 96.0, 300.0):
+                return None
+            return 25400.0 / per_unit
+        return None
+
+
+def pixel_size_um(meta: dict, metadata_file: str | Path, wsi_file: str | Path) -> float:
+    """Full-resolution pixel size: metadata first, TIFF tags second, otherwise a clear error."""
+    value = metadata_pixel_size_um(meta)
+    if value is None:
+        try:
+            value = tiff_pixel_size_um(wsi_file)
+        except Exception as exc:  # a corrupt TIFF is reported by the slide reader with more detail
+            raise input_error(wsi_file, f"cannot read TIFF tags ({exc})") from None
+    if value is None:
+        raise input_error(
+            wsi_file,
+            f"no pixel size: neither {metadata_file} ({' / '.join(PIXEL_SIZE_KEYS)}) nor the TIFF resolution tags give one",
+        )
+    return value
+
+
+def read_st(path: str | Path):
+    """Read a sample's expression AnnData and check what every stage relies on."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "expression file (.h5ad) not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:
+        raise input_error(path, f"cannot read as AnnData, file is corrupt or not .h5ad ({type(exc).__name__})") from None
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise input_error(path, f"empty expression matrix ({adata.n_obs} spots x {adata.n_vars} genes)")
+    if "spatial" not in adata.obsm:
+        raise input_error(path, "no spatial coordinates (obsm['spatial'] is missing)")
+    coords = np.asarray(adata.obsm["spatial"])
+    if coords.ndim != 2 or coords.shape[1] < 2 or coords.shape[0] != adata.n_obs:
+        raise input_error(path, f"obsm['spatial'] has shape {coords.shape}, expected ({adata.n_obs}, 2)")
+    if not np.isfinite(coords[:, :2].astype(float)).all():
+        raise input_error(path, "obsm['spatial'] contains NaN or infinite coordinates")
+    if not adata.obs_names.is_unique:
+        raise input_error(path, "spot barcodes (obs_names) are not unique")
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    return adata
+
+
+def in_tissue_mask(adata) -> np.ndarray:
+    """Spots on tissue; all spots when the data carries no `in_tissue` column (e.g. Xenium pseudo-spots)."""
+    if "in_tissue" not in adata.obs:
+        return np.ones(adata.n_obs, dtype=bool)
+    return np.asarray(adata.obs["in_tissue"]).astype(int) == 1

@@ -1,0 +1,48 @@
+"""ST-Net (He et al. 2020): DenseNet-121 regressing log expression of the spot under each patch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmrcnet.errors import input_error
+from cmrcnet.models.encoders import check_input_size, create_encoder
+from cmrcnet.models.registry import register_model
+
+
+@register_model("stnet")
+class STNet(nn.Module):
+    """Encoder + one linear layer, MSE on log-normalised expression.
+
+    The output layer starts with zero weights and the mean training expression as bias, as in ST-Net:
+    the first prediction is the best constant, so early gradients fit deviations from the mean instead
+    of spending epochs learning each gene's offset."""
+
+    kind = "regression"
+    slide_level = False
+
+    def __init__(self, n_genes: int, *, encoder: str = "densenet121", encoder_kwargs: dict | None = None,
+                 pretrained_path: str | None = None, input_size: int | None = None):
+        super().__init__()
+        self.image_encoder = create_encoder(encoder, pretrained_path, **(encoder_kwargs or {}))
+        self.input_size = check_input_size(self.image_encoder, encoder, input_size)
+        self.head = nn.Linear(self.image_encoder.num_features, n_genes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def set_output_bias(self, mean_expression: torch.Tensor) -> None:
+        """Start predictions at the mean training expression (call before training)."""
+        mean_expression = torch.as_tensor(mean_expression).flatten()
+        if mean_expression.numel() != self.head.out_features:
+            raise input_error("mean_expression", f"{mean_expression.numel()} values for "
+                              f"{self.head.out_features} genes")
+        self.head.bias.copy_(mean_expression.to(self.head.bias))
+
+    def predict(self, batch: dict) -> torch.Tensor:
+        return self.head(self.image_encoder(batch["image"]))
+
+    def forward(self, batch: dict) -> dict:
+        pred = self.predict(batch)
+        return {"loss": F.mse_loss(pred.float(), batch["expr"].float())}

@@ -1,0 +1,170 @@
+"""A fake Hugging Face hub: a local folder served over HTTP as one dataset repo.
+
+Why: the real hub is unreachable in tests, and a mock that returns nothing would not exercise
+huggingface_hub's own download path. This server answers the endpoints `snapshot_download` calls for a
+dataset (repo info, recursive tree, HEAD/GET `resolve`), with the headers it requires (X-Repo-Commit,
+ETag, Content-Length) and no Xet headers, so files travel over plain HTTP.
+
+Access mimics a gated repo: repo info and the file list are public; file contents need a token that has
+accepted the terms (401 without a token, 403 GatedRepo with a token that has not accepted them). A token
+the hub does not know gets 401 "Invalid credentials" everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Self
+from urllib.parse import unquote, urlsplit
+
+ACCEPTED = "accepted"
+NO_TERMS = "no-terms"
+
+_API = re.compile(r"^/api/datasets/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?$")
+_RESOLVE = re.compile(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub:
+    """Serve `repo_dir` as dataset `repo_id`; `tokens` maps token -> ACCEPTED or NO_TERMS."""
+
+    def __init__(self, repo_dir: str | Path, repo_id: str, tokens: dict[str, str]):
+        self.repo_dir = Path(repo_dir)
+        self.repo_id = repo_id
+        self.tokens = tokens
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request received
+        self.fail_status: int | None = None  # answer every request with this status (server trouble)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def count(self, method: str, kind: str = "/resolve/") -> int:
+        with self._lock:
+            return sum(1 for m, path in self.requests if m == method and kind in path)
+
+    def files(self) -> dict[str, Path]:
+        """Repo path -> local file, read afresh so a test can change the repo between calls."""
+        return {p.relative_to(self.repo_dir).as_posix(): p for p in sorted(self.repo_dir.rglob("*")) if p.is_file()}
+
+    def commit(self) -> str:
+        digest = hashlib.sha1()
+        for name, path in self.files().items():
+            digest.update(name.encode() + b"\0" + git_blob_id(path.read_bytes()).encode())
+        return digest.hexdigest()
+
+    def _handler_class(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                hub._handle(self, body=True)
+
+            def do_HEAD(self):
+                hub._handle(self, body=False)
+
+        return Handler
+
+    def _handle(self, req: BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlsplit(req.path).path)
+        with self._lock:
+            self.requests.append((req.command, path))
+        auth = req.headers.get("authorization", "")
+        token = auth.removeprefix("Bearer ").strip() or None
+
+        if self.fail_status is not None:
+            # A broken hub that echoes the credentials it got: callers must not pass them on.
+            return self._error(req, self.fail_status, None, f"internal error while handling {auth}", body)
+        if token is not None and token not in self.tokens:
+            return self._error(req, 401, None, "Invalid credentials in Authorization header", body)
+
+        if m := _API.match(path):
+            repo, endpoint, revision = m.groups(default="main")
+            if not self._repo_and_revision_ok(req, repo, revision, body):
+                return
+            if endpoint != "tree":  # repo info, at a revision or at main
+                info = {
+                    "id": repo, "sha": self.commit(), "private": False, "gated": "manual",
+                    "siblings": [{"rfilename": name} for name in self.files()],
+                }
+                return self._json(req, info, body)
+            entries = [
+                {"type": "file", "path": name, "size": p.stat().st_size, "oid": git_blob_id(p.read_bytes())}
+                for name, p in self.files().items()
+            ]
+            return self._json(req, entries, body)
+
+        if m := _RESOLVE.match(path):
+            repo, revision, filename = m.groups()
+            if not self._repo_and_revision_ok(req, repo, revision, body):
+                return
+            if token is None:
+                msg = f"Access to dataset {repo} is restricted. You must be authenticated to access it."
+                return self._error(req, 401, "GatedRepo", msg, body)
+            if self.tokens[token] != ACCEPTED:
+                msg = f"Access to dataset {repo} is restricted and you are not in the authorized list."
+                return self._error(req, 403, "GatedRepo", msg, body)
+            local = self.files().get(filename)
+            if local is None:
+                return self._error(req, 404, "EntryNotFound", f"{filename} does not exist", body)
+            data = local.read_bytes()
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "X-Repo-Commit": self.commit(),
+                "ETag": f'"{git_blob_id(data)}"',
+            }
+            return self._send(req, 200, data, headers, body)
+
+        return self._error(req, 404, None, "not found", body)
+
+    def _repo_and_revision_ok(self, req, repo: str, revision: str, body: bool) -> bool:
+        if repo != self.repo_id:
+            self._error(req, 404, "RepoNotFound", "Repository not found", body)
+            return False
+        if revision not in ("main", self.commit()):
+            self._error(req, 404, "RevisionNotFound", "Invalid rev id", body)
+            return False
+        return True
+
+    def _json(self, req, obj, body: bool) -> None:
+        self._send(req, 200, json.dumps(obj).encode(), {"Content-Type": "application/json"}, body)
+
+    def _error(self, req, status: int, code: str | None, message: str, body: bool) -> None:
+        headers = {"Content-Type": "application/json", "X-Error-Message": message}
+        if code is not None:
+            headers["X-Error-Code"] = code
+        self._send(req, status, json.dumps({"error": message}).encode(), headers, body)
+
+    @staticmethod
+    def _send(req, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+        req.send_response(status)
+        for key, value in headers.items():
+            req.send_header(key, value)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if body:
+            req.wfile.write(data)

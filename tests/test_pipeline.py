@@ -1,0 +1,150 @@
+"""The Snakemake pipeline end to end on a tiny synthetic config, plus planning and lint checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cmrcnet.config import REPO_ROOT
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile")]
+
+TINY = {
+    "seed": 0,
+    "genes": {"n_top_hvg": 100},
+    "datasets": {
+        "tiny-visium": {
+            "source": "synthetic", "technology": "visium", "samples": ["V1", "V2", "V3"],
+            "marker_genes": ["EPCAM", "RND"],
+            "synthetic": {"seed": 5, "width_um": 700, "height_um": 700, "n_genes": 300},
+        },
+        "tiny-xenium": {
+            "source": "synthetic", "technology": "xenium", "samples": ["X1", "X2", "X3"],
+            "folds_scheme": "leave_one_patient_out",
+            "synthetic": {"seed": 6, "width_um": 600, "height_um": 600, "n_panel_genes": 120},
+            "patients": {"X1": "PA", "X2": "PA", "X3": "PB"},
+        },
+    },
+}
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [*SNAKEMAKE, "-d", str(workdir), "--configfile", str(path), "--cores", "2", *args],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    result = snakemake(workdir, TINY, "all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_every_output_and_log_exists_and_nothing_half_written(run):
+    for ds, samples in [("tiny-visium", ["V1", "V2", "V3"]), ("tiny-xenium", ["X1", "X2", "X3"])]:
+        assert (run / "processed" / ds / "genes.tsv").is_file()
+        assert (run / "processed" / ds / "folds.tsv").is_file()
+        for s in samples:
+            for rel in [f"data/{ds}/st/{s}.h5ad", f"data/{ds}/wsis/{s}.tif", f"data/{ds}/metadata/{s}.json",
+                        f"processed/{ds}/st/{s}.h5ad", f"processed/{ds}/patches/{s}.h5",
+                        f"processed/{ds}/spots/{s}.parquet", f"logs/extract_patches/{ds}/{s}.log",
+                        f"logs/normalise/{ds}/{s}.log", f"logs/synthesize/{ds}/{s}.log"]:
+                assert (run / rel).is_file(), rel
+    assert not [p for p in run.rglob(".*.tmp*")]
+
+
+def test_gene_sets_are_shared_in_order_and_controls_are_gone(run):
+    for ds, samples in [("tiny-visium", ["V1", "V2", "V3"]), ("tiny-xenium", ["X1", "X2", "X3"])]:
+        genes = list(pd.read_csv(run / "processed" / ds / "genes.tsv", sep="\t")["gene"])
+        for s in samples:
+            adata = ad.read_h5ad(run / "processed" / ds / "st" / f"{s}.h5ad")
+            assert list(adata.var_names) == genes
+            assert np.issubdtype(adata.layers["counts"].dtype, np.integer)
+            assert json.loads(adata.uns["cmrcnet"])["provenance"]["versions"]["cmrcnet"]
+    xenium = pd.read_csv(run / "processed/tiny-xenium/genes.tsv", sep="\t")["gene"]
+    assert not xenium.str.match("BLANK|NegControl|Unassigned").any()
+    raw = ad.read_h5ad(run / "data/tiny-xenium/st/X1.h5ad")
+    assert raw.var_names.str.startswith("BLANK").any()  # the filter had something to remove
+    visium = pd.read_csv(run / "processed/tiny-visium/genes.tsv", sep="\t")
+    assert "EPCAM" in set(visium.gene[visium.is_marker]) and "RND" not in set(visium.gene)
+    assert "marker gene RND" in (run / "logs/select_genes/tiny-visium.log").read_text()
+
+
+def test_folds_follow_each_datasets_scheme(run):
+    visium = pd.read_csv(run / "processed/tiny-visium/folds.tsv", sep="\t")
+    assert visium["fold"].nunique() == 3 and (visium.role == "test").sum() == 3
+    xenium = pd.read_csv(run / "processed/tiny-xenium/folds.tsv", sep="\t")
+    assert xenium["fold"].nunique() == 2
+    test_sets = xenium[xenium.role == "test"].groupby("fold")["sample"].apply(set).tolist()
+    assert {"X1", "X2"} in test_sets and {"X3"} in test_sets
+
+
+def test_patches_cover_the_normalised_spots(run):
+    for ds, s in [("tiny-visium", "V2"), ("tiny-xenium", "X1")]:
+        adata = ad.read_h5ad(run / "processed" / ds / "st" / f"{s}.h5ad")
+        spots = pd.read_parquet(run / "processed" / ds / "spots" / f"{s}.parquet")
+        with h5py.File(run / "processed" / ds / "patches" / f"{s}.h5") as f:
+            assert f["img"].shape == (adata.n_obs, 224, 224, 3) and f["img"].dtype == np.uint8
+            barcodes = [b[0].decode() for b in f["barcode"][:]]
+            assert f["coords"].shape == (adata.n_obs, 2)
+            assert f["img"][0].std() > 0  # real image content, not an empty fill
+        assert set(barcodes) == set(adata.obs_names) == set(spots["barcode"])
+
+
+def test_rerun_has_nothing_to_do(run):
+    result = snakemake(run, TINY, "all", "-n")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_local_source_links_and_unknown_sample_fails_cleanly(run, tmp_path):
+    local = {
+        "datasets": {"loc": {"source": "local", "technology": "visium", "samples": ["V1", "V2"],
+                             "local_dir": str(run / "data" / "tiny-visium")}},
+    }
+    result = snakemake(tmp_path, local, "processed/loc/genes.tsv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    link = tmp_path / "data/loc/st/V1.h5ad"
+    assert link.is_symlink() and link.resolve() == (run / "data/tiny-visium/st/V1.h5ad").resolve()
+
+    local["datasets"]["loc"]["samples"] = ["V1", "NOPE"]
+    result = snakemake(tmp_path, local, "processed/loc/genes.tsv")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "NOPE" in errors[0]
+    assert not (tmp_path / "data/loc/st/NOPE.h5ad").exists()
+
+
+def test_invalid_config_stops_before_planning(tmp_path):
+    bad = {"datasets": {"d": {"source": "synthetic", "technology": "visium", "samples": ["S1"]}}}
+    result = snakemake(tmp_path, bad, "-n")
+    assert result.returncode != 0
+    assert "datasets.d.samples: only 1 sample (S1); cross-validation needs at least 2" in result.stderr
+
+
+def test_paper_config_plans_six_datasets_offline_and_lint_is_clean():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    plan = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "-n", "all", "--configfile", "config/paper.yaml"],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    out = plan.stdout + plan.stderr
+    for rule, count in [("fetch_hest", 22), ("select_genes", 6), ("normalise", 22), ("folds", 6),
+                        ("extract_patches", 22)]:
+        assert any(line.split() == [rule, str(count)] for line in out.splitlines()), rule
+    lint = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "--lint"], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr

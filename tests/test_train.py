@@ -1,0 +1,290 @@
+"""Training loop: it learns, writes its outputs, stops early, and resumes to bit-identical weights on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from test_datasets import GENES, write_dataset
+from torch import nn
+from torch.nn import functional as F
+
+import cmrcnet.train as train_module
+from cmrcnet.errors import CMRCNetError
+from cmrcnet.train import load_checkpoint, train_fold
+
+
+class TinySpotModel(nn.Module):
+    """Stand-in for the spot models: patch colour and texture (per-channel mean, std) -> small MLP.
+
+    The dropout makes the RNG state matter, as it does for the real models.
+    """
+
+    kind, slide_level = "regression", False
+
+    def __init__(self, n_genes, input_size=16, hidden=16):
+        super().__init__()
+        self.input_size = input_size
+        self.net = nn.Sequential(nn.Linear(6, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, n_genes))
+        self.register_buffer("bias", torch.zeros(n_genes))
+
+    def set_output_bias(self, mean):
+        self.bias.copy_(mean)
+
+    def forward(self, batch):
+        assert batch["image"].shape[1:] == (3, self.input_size, self.input_size)
+        image = batch["image"]
+        pred = self.net(torch.cat([image.mean((2, 3)), image.std((2, 3))], 1)) + self.bias
+        mse = F.mse_loss(pred, batch["expr"])
+        return {"loss": mse, "mse": mse, "l1": (pred - batch["expr"]).abs().mean(), "pred": pred}
+
+
+class TinySlideModel(nn.Module):
+    """Stand-in for HisToGene: whole slide in, grid position embeddings sized by n_pos."""
+
+    kind, slide_level = "regression", True
+
+    def __init__(self, n_genes, n_pos, input_size=16):
+        super().__init__()
+        self.input_size = input_size
+        self.row, self.col = nn.Embedding(n_pos, 4), nn.Embedding(n_pos, 4)
+        self.head = nn.Linear(3 + 8, n_genes)
+
+    def forward(self, batch):
+        image, pos = batch["image"], batch["pos"]
+        assert image.ndim == 5 and image.shape[0] == 1 and pos.dtype == torch.int64
+        feats = torch.cat([image.mean((-1, -2)), self.row(pos[..., 0]), self.col(pos[..., 1])], -1)
+        mse = F.mse_loss(self.head(feats), batch["expr"])
+        return {"loss": mse, "mse": mse}
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Replace the model factory with the stand-ins and record what it was asked for."""
+    calls = []
+
+    def build(name, n_genes, params):
+        calls.append((name, n_genes, dict(params)))
+        model = TinySlideModel if name == "histogene" else TinySpotModel
+        return model(n_genes, **params)
+
+    monkeypatch.setattr(train_module, "build_model", build)
+    return calls
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    return write_dataset(tmp_path / "ds")
+
+
+def run(dataset_dir, out_dir, model="stnet", params=None, **train):
+    cfg = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "num_workers": 0, "patience": None, "val_fraction": 0.2}
+    cfg.update(train)
+    stop = cfg.pop("stop_after_epochs", None)
+    return train_fold(method="tiny", method_cfg={"model": model, "params": params or {}}, train_cfg=cfg,
+                      dataset_dir=dataset_dir, fold=0, out_dir=out_dir, seed=0, progress=False,
+                      stop_after_epochs=stop)
+
+
+def test_training_learns_and_writes_its_outputs(dataset_dir, tmp_path, built):
+    out = tmp_path / "out"
+    summary = run(dataset_dir, out, epochs=15, lr=5e-3)
+    assert summary["epochs_run"] == 15 and not summary["stopped_early"] and summary["complete"]
+    assert summary["n_train_spots"] == 64 and summary["n_val_spots"] == 16 and summary["device"] == "cpu"
+    assert summary["best_val_loss"] < 0.8 * summary["first_val_loss"]
+
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "train_l1", "train_mse", "val_l1",
+                                     "val_mse", "lr", "seconds"]
+    assert list(history["epoch"]) == list(range(1, 16))
+    assert history["val_loss"].iloc[-1] < 0.8 * history["val_loss"].iloc[0]
+    assert (history["lr"] == 5e-3).all()
+    assert summary["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
+
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] and best["genes"] == GENES and best["model_name"] == "stnet"
+    assert best["val_loss"] == pytest.approx(summary["best_val_loss"])
+    assert best["train_cfg"]["lr"] == 5e-3 and "versions" in best["provenance"]
+    model = TinySpotModel(len(GENES))
+    model.load_state_dict(best["model"])
+    # STNet-style models start from the training mean expression
+    assert built[0] == ("stnet", 8, {})
+
+    info = json.loads((out / "train.json").read_text())
+    assert info["summary"]["best_epoch"] == summary["best_epoch"] and info["device"]["type"] == "cpu"
+    assert info["config"]["train_cfg"]["epochs"] == 15 and "torch" in info["provenance"]["versions"]
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["epoch"] == 15 and len(last["history"]) == 15
+
+
+def test_output_bias_is_the_training_mean(dataset_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    class Recorder(TinySpotModel):
+        def set_output_bias(self, mean):
+            seen["mean"] = mean.clone()
+            super().set_output_bias(mean)
+
+    monkeypatch.setattr(train_module, "build_model", lambda name, n, params: Recorder(n, **params))
+    run(dataset_dir, tmp_path / "out", epochs=1, val_split="sample")
+    from cmrcnet.data.datasets import load_fold
+
+    fold = load_fold(dataset_dir, 0)
+    torch.testing.assert_close(seen["mean"], torch.from_numpy(fold.sample("S1").expression.mean(0)))
+
+
+def test_resumed_run_ends_with_the_same_weights(dataset_dir, tmp_path, built):
+    whole = run(dataset_dir, tmp_path / "whole")
+    part = run(dataset_dir, tmp_path / "resumed", stop_after_epochs=1)
+    assert part["epochs_run"] == 1 and not part["complete"]
+    assert not (tmp_path / "resumed" / "train.json").exists()
+    # resume with workers: num_workers is not part of the fingerprint, and results do not depend on it
+    resumed = run(dataset_dir, tmp_path / "resumed", num_workers=2)
+    assert resumed["epochs_run"] == 3 and resumed["complete"]
+    for name in ("best.pt", "checkpoints/last.pt"):
+        a, b = load_checkpoint(tmp_path / "whole" / name), load_checkpoint(tmp_path / "resumed" / name)
+        assert a["epoch"] == b["epoch"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+    ha = pd.read_csv(tmp_path / "whole" / "history.csv").drop(columns="seconds")
+    hb = pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(ha, hb)
+    assert resumed["best_val_loss"] == whole["best_val_loss"]
+    # equality is not trivial: another seed gives other weights
+    other = train_fold(method="tiny", method_cfg={"model": "stnet", "params": {}}, train_cfg={
+        "epochs": 3, "batch_size": 16, "lr": 3e-3, "num_workers": 0, "patience": None, "val_fraction": 0.2},
+        dataset_dir=dataset_dir, fold=0, out_dir=tmp_path / "other", seed=1, progress=False)
+    assert other["best_val_loss"] != whole["best_val_loss"]
+    # a finished run called again changes nothing
+    again = run(dataset_dir, tmp_path / "whole")
+    assert again["epochs_run"] == 3 and again["best_val_loss"] == whole["best_val_loss"]
+
+
+def test_checkpoint_of_another_configuration_is_refused(dataset_dir, tmp_path, built):
+    out = tmp_path / "out"
+    run(dataset_dir, out, stop_after_epochs=2)
+    with pytest.raises(CMRCNetError, match=r"last\.pt: checkpoint of another configuration \(train\.lr differ\)"):
+        run(dataset_dir, out, lr=1e-2)
+    with pytest.raises(CMRCNetError, match=r"params\.hidden, train\.batch_size differ"):
+        run(dataset_dir, out, batch_size=8, params={"hidden": 8})
+    with pytest.raises(CMRCNetError, match="checkpoint has 2 epochs, more than epochs=1"):
+        run(dataset_dir, out, epochs=1)
+    # more epochs than first planned is allowed: the run just continues
+    assert run(dataset_dir, out, epochs=4)["epochs_run"] == 4
+
+
+def test_unreadable_checkpoint_names_the_file(dataset_dir, tmp_path, built):
+    last = tmp_path / "out" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"half a checkpoint")
+    with pytest.raises(CMRCNetError, match=r"last\.pt: cannot read checkpoint"):
+        run(dataset_dir, tmp_path / "out")
+
+
+def test_early_stopping_on_validation_loss(dataset_dir, tmp_path, built):
+    summary = run(dataset_dir, tmp_path / "out", epochs=10, lr=0.0, patience=2)
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+    assert len(pd.read_csv(tmp_path / "out" / "history.csv")) == 3
+
+
+@pytest.mark.parametrize("val_split", ["spot", "sample"])
+def test_slide_level_model_gets_n_pos_and_whole_slides(dataset_dir, tmp_path, built, val_split):
+    summary = run(dataset_dir, tmp_path / "out", model="histogene", epochs=2, val_split=val_split)
+    assert built[0][0] == "histogene" and built[0][2]["n_pos"] == 8
+    assert summary["n_train_spots"] + summary["n_val_spots"] == 80
+    assert load_checkpoint(tmp_path / "out" / "best.pt")["params"]["n_pos"] == 8
+    with pytest.raises(CMRCNetError, match=r"params\.n_pos: 3 is below the data's 8"):
+        run(dataset_dir, tmp_path / "other", model="histogene", params={"n_pos": 3})
+
+
+def test_bad_settings_name_the_key(dataset_dir, tmp_path, built):
+    with pytest.raises(CMRCNetError, match=r"train\.epoch: unknown training setting"):
+        run(dataset_dir, tmp_path / "out", epoch=3)
+    with pytest.raises(CMRCNetError, match=r"methods\.tiny\.model: unknown model 'unet'"):
+        run(dataset_dir, tmp_path / "out", model="unet")
+    with pytest.raises(CMRCNetError, match=r"optimizer"):
+        run(dataset_dir, tmp_path / "out", optimizer="Lion")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    """Three synthetic Visium samples taken through the real stages: genes, normalisation, patches, folds."""
+    from cmrcnet.data.folds import write_folds
+    from cmrcnet.data.genes import normalise_sample, select_genes
+    from cmrcnet.data.patches import extract_patches
+    from cmrcnet.data.synthetic import synthesize_sample
+
+    root = tmp_path_factory.mktemp("synthetic")
+    raw, proc = root / "raw", root / "processed"
+    samples = ["A", "B", "C"]
+    for i, s in enumerate(samples):
+        synthesize_sample(raw, s, technology="visium", sample_index=i, seed=3, patient=s, width_um=1000,
+                          height_um=1000, n_genes=200)
+    st = {s: raw / "st" / f"{s}.h5ad" for s in samples}
+    select_genes(st, proc / "genes.tsv", method="hvg_union", dataset="syn", n_top_hvg=20)
+    for s in samples:
+        normalise_sample(st[s], proc / "genes.tsv", proc / "st" / f"{s}.h5ad", sample=s, dataset="syn")
+        extract_patches(raw / "wsis" / f"{s}.tif", st[s], raw / "metadata" / f"{s}.json", proc / "patches" / f"{s}.h5",
+                        proc / "patches" / f"{s}.parquet", sample=s, patch_px=32, um_per_px=2.0, progress=False)
+    write_folds({s: raw / "metadata" / f"{s}.json" for s in samples}, proc / "folds.tsv",
+                scheme="leave_one_sample_out", dataset="syn")
+    return proc
+
+
+def test_learns_on_synthetic_slides(synthetic_dir, tmp_path, built):
+    from cmrcnet.data.datasets import load_fold
+
+    summary = train_fold(method="tiny", method_cfg={"model": "stnet", "params": {"input_size": 32}},
+                         train_cfg={"epochs": 25, "batch_size": 16, "lr": 1e-2, "num_workers": 0, "patience": None},
+                         dataset_dir=synthetic_dir, fold=0, out_dir=tmp_path / "out", progress=False)
+    fold = load_fold(synthetic_dir, 0)
+    train, val = fold.split("spot", 0.1, 0)
+    mean_baseline = float(((fold.expression(val) - fold.expression(train).mean(0)) ** 2).mean())
+    assert summary["best_val_loss"] < 0.85 * mean_baseline  # the image explains expression beyond its mean
+
+
+REAL_PARAMS = {
+    # tiny versions of the real models, small enough for a CPU test
+    "cmrcnet": {"encoder": "vit_base_patch32_224", "input_size": 32, "snn_hidden": 32, "embed_dim": 32,
+                "n_gene_tokens": 2, "cross_heads": 2, "fusion_heads": 2, "n_fusion_blocks": 1,
+                "encoder_kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+    "bleep": {"encoder": "test_resnet", "input_size": 32, "embed_dim": 32},
+    "stnet": {"encoder": "test_resnet", "input_size": 32},
+    "histogene": {"patch_px": 16, "dim": 32, "depth": 1, "heads": 2},
+}
+
+
+@pytest.mark.parametrize("name", ["cmrcnet", "bleep", "stnet", "histogene"])
+def test_real_models_train_and_resume_exactly(dataset_dir, tmp_path, name):
+    models = pytest.importorskip("cmrcnet.models")
+    if not hasattr(models, "create_model"):
+        pytest.skip("cmrcnet.models.create_model not written yet")
+
+    def real(out, **extra):
+        return train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
+                          train_cfg={"epochs": 2, "batch_size": 8, "num_workers": 0, "max_steps_per_epoch": 3},
+                          dataset_dir=dataset_dir, fold=0, out_dir=out, progress=False, **extra)
+
+    whole = real(tmp_path / "whole")
+    assert whole["complete"] and math.isfinite(whole["best_val_loss"])
+    real(tmp_path / "resumed", stop_after_epochs=1)
+    real(tmp_path / "resumed")
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = pd.read_csv(tmp_path / "whole" / "history.csv")
+    assert len(history) == 2 and history[["train_loss", "val_loss"]].notna().all().all()
+
+
+@pytest.mark.parametrize("name", ["cmrcnet", "bleep", "stnet", "histogene"])
+def test_real_models_learn_on_synthetic_slides(synthetic_dir, tmp_path, name):
+    models = pytest.importorskip("cmrcnet.models")
+    if not hasattr(models, "create_model"):
+        pytest.skip("cmrcnet.models.create_model not written yet")
+    summary = train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
+                         train_cfg={"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None},
+                         dataset_dir=synthetic_dir, fold=0, out_dir=tmp_path / "out", progress=False)
+    assert summary["best_val_loss"] < 0.85 * summary["first_val_loss"]
