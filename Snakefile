@@ -17,6 +17,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/patches.smk"
+include: "rules/train.smk"
 
 
 rule all:

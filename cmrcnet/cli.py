@@ -84,6 +84,25 @@ def _patches(args) -> None:
     print(json.dumps(summary, default=str))
 
 
+def _train(args) -> None:
+    from cmrcnet.config import dataset_config, load_config
+    from cmrcnet.train import train_fold
+
+    config = load_config(args.config)
+    dataset_config(config, args.dataset)
+    if args.method not in config["methods"]:
+        from cmrcnet.errors import input_error
+
+        known = ", ".join(config["methods"]) or "none"
+        raise input_error(args.config, f"methods.{args.method}: no such method; the config has {known}")
+    dataset_dir = Path(args.processed_dir or config["processed_dir"]) / args.dataset
+    out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}")
+    summary = train_fold(method=args.method, method_cfg=config["methods"][args.method], train_cfg=config["train"],
+                         dataset_dir=dataset_dir, fold=args.fold, out_dir=out_dir, seed=config["seed"],
+                         device=args.device)
+    print(json.dumps(summary, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmrcnet import __version__
     from cmrcnet.config import SCHEMA_PATH, load_yaml
@@ -159,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--um-per-px", type=float, default=0.5)
     p.add_argument("--off-slide", choices=["pad", "drop"], default="pad")
     p.set_defaults(func=_patches)
+
+    p = sub.add_parser("train", help="train one method on one fold (resumes from its last checkpoint)")
+    p.add_argument("config", help="pipeline config (methods, train settings, seed)")
+    p.add_argument("dataset")
+    p.add_argument("method", help="a name under `methods:` in the config")
+    p.add_argument("fold", type=int)
+    p.add_argument("--processed-dir", help="default: the config's processed_dir")
+    p.add_argument("--out", help="default: {models_dir}/{dataset}/{method}/fold{fold}")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
+    p.set_defaults(func=_train)
     return parser
 
 

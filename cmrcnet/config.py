@@ -84,7 +84,18 @@ def check_config(config: dict, where: str | Path = "config") -> dict:
             raise input_error(where, f"{key}.patients: unknown samples {', '.join(unknown)}")
         ds.setdefault("gene_selection", DEFAULT_GENE_SELECTION[ds["technology"]])
         ds.setdefault("folds_scheme", config["folds"]["scheme"])
+    for name, method in config.get("methods", {}).items():
+        unknown = sorted(set(method.get("datasets") or []) - set(config["datasets"]))
+        if unknown:
+            raise input_error(where, f"methods.{name}.datasets: unknown datasets {', '.join(unknown)}; "
+                                     f"known: {', '.join(config['datasets'])}")
     return config
+
+
+def methods_for(config: dict, dataset: str) -> list[str]:
+    """The methods trained on `dataset`: all of them, unless a method lists its datasets."""
+    return [name for name, method in config.get("methods", {}).items()
+            if method.get("datasets") is None or dataset in method["datasets"]]
 
 
 def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -203,7 +205,9 @@ def _run_epoch(model, loader, optimizer, device, cfg, channels_last: bool, desc:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] and device.type == "cuda")
     totals: dict[str, torch.Tensor] = {}
     n_total = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    # a terminal gets a live bar; a log file (Snakemake, SLURM) one line every 30 s instead of thousands
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch",
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     with torch.set_grad_enabled(training):
         for step, batch in enumerate(bar):
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "expr", "pos")}
@@ -279,7 +283,9 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
 
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "bad_epochs": 0,
                              "history": [], "stopped_early": False}
+    # Both live in checkpoints/, which Snakemake does not own: a failed job's outputs are deleted, these survive.
     last_pt = out_dir / "checkpoints" / "last.pt"
+    best_pt = out_dir / "checkpoints" / "best.pt"
     if last_pt.exists():
         ckpt = load_checkpoint(last_pt)
         differ = fingerprint_diff(ckpt.get("fingerprint", {}), fp)
@@ -321,7 +327,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         if row["val_loss"] < state["best_val_loss"]:
             state.update(best_val_loss=row["val_loss"], best_epoch=epoch, bad_epochs=0)
             _save({"model": _cpu_state(model), **meta, "epoch": epoch, "val_loss": row["val_loss"],
-                   "provenance": provenance(meta["train_cfg"])}, out_dir / "best.pt")
+                   "provenance": provenance(meta["train_cfg"])}, best_pt)
         else:
             state["bad_epochs"] += 1
             if cfg["patience"] is not None and state["bad_epochs"] >= cfg["patience"]:
@@ -350,8 +356,11 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         "complete": complete,
     }
     if complete:
-        if state["best_epoch"] is None:
+        if state["best_epoch"] is None or not best_pt.exists():
             raise RuntimeError(f"{method} fold {fold}: no epoch gave a finite validation loss; no best.pt")
+        with atomic_path(out_dir / "best.pt") as tmp:
+            shutil.copyfile(best_pt, tmp)
+        write_table(out_dir / "history.csv", _history_table(history))
         write_json(out_dir / "train.json", {
             "config": {"method": method, "method_cfg": method_cfg, "train_cfg": cfg, "params": params,
                        "dataset_dir": str(dataset_dir), "fold": int(fold), "seed": int(seed)},

@@ -88,6 +88,22 @@ def extract_patches(smk) -> None:
     )
 
 
+def train(smk) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from cmrcnet.train import train_fold
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    method = smk.wildcards.method
+    train_fold(
+        method=method, method_cfg=smk.config["methods"][method], train_cfg=smk.config["train"],
+        dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold), out_dir=Path(smk.output.model).parent,
+        seed=smk.config["seed"],
+    )
+
+
 def run(smk, step) -> None:
     """Entry point for scripts/: log to the rule's log file, one-line errors, exit status 1 on bad input."""
     setup_logging(smk.log[0] if smk.log else None)

@@ -6,7 +6,7 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate
 
-from cmrcnet.config import check_config, datasets_by_source, validate_schema
+from cmrcnet.config import check_config, datasets_by_source, methods_for, planned_folds, validate_schema
 from cmrcnet.errors import CMRCNetError
 
 # Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
@@ -15,6 +15,8 @@ try:
     validate_schema(config, where=CONFIG_NAME)
     validate(config, schema="../config/schema.yaml")
     check_config(config, where=CONFIG_NAME)
+    # fold ids are planned from the config alone, so training jobs exist before any data does
+    FOLD_IDS = {ds: planned_folds(config, ds) for ds in config["datasets"]}
 except CMRCNetError as err:  # one line, not a traceback, for a config mistake
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(1)
@@ -22,7 +24,10 @@ except CMRCNetError as err:  # one line, not a traceback, for a config mistake
 DATA = config["data_dir"]
 PROC = config["processed_dir"]
 LOGS = config["log_dir"]
+MODELS = config["models_dir"]
 DATASETS = list(config["datasets"])
+METHODS = list(config["methods"])
+TRAIN_RESOURCES = config["resources"]["train"]
 
 
 def one_of(names):
@@ -33,6 +38,8 @@ def one_of(names):
 wildcard_constraints:
     dataset=one_of(DATASETS),
     sample=one_of([s for ds in config["datasets"].values() for s in ds["samples"]]),
+    method=one_of(METHODS),
+    fold=r"\d+",
 
 
 def samples(dataset):
@@ -53,6 +60,23 @@ NORMALISED = f"{PROC}/{{dataset}}/st/{{sample}}.h5ad"
 FOLDS = f"{PROC}/{{dataset}}/folds.tsv"
 PATCHES = f"{PROC}/{{dataset}}/patches/{{sample}}.h5"
 SPOTS = f"{PROC}/{{dataset}}/spots/{{sample}}.parquet"
+RUN = f"{MODELS}/{{dataset}}/{{method}}/fold{{fold}}"
+MODEL = f"{RUN}/best.pt"
+HISTORY = f"{RUN}/history.csv"
+TRAIN_SUMMARY = f"{RUN}/train.json"
+
+
+def method_settings(method):
+    """Everything that defines a method's training run, as one string (a Snakemake param)."""
+    import json
+
+    settings = {"method": config["methods"][method], "train": config["train"], "seed": config["seed"]}
+    return json.dumps(settings, sort_keys=True)
+
+
+def training_runs(dataset):
+    """(method, fold) of every training job planned for `dataset`."""
+    return [(m, f) for m in methods_for(config, dataset) for f in FOLD_IDS[dataset]]
 
 
 def all_targets():
@@ -62,4 +86,5 @@ def all_targets():
         targets += [GENES.format(dataset=ds), FOLDS.format(dataset=ds)]
         for pattern in (NORMALISED, PATCHES, SPOTS):
             targets += expand(pattern, dataset=ds, sample=samples(ds))
+        targets += [MODEL.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)]
     return targets

@@ -36,9 +36,7 @@ def test_shipped_configs_are_valid_and_get_defaults():
 def test_paper_config_matches_shared_dataset_table():
     import pandas as pd
 
-    table = REPO_ROOT.parent / "shared" / "paper" / "datasets.csv"
-    if not table.exists():
-        pytest.skip("shared/paper/datasets.csv is not beside this checkout")
+    table = REPO_ROOT / "cmrcnet" / "paper_data" / "datasets.csv"
     paper = load_config(PAPER)["datasets"]
     for row in pd.read_csv(table).itertuples():
         assert paper[row.dataset]["samples"] == row.hest_ids.split()

@@ -35,6 +35,13 @@ TINY = {
             "patients": {"X1": "PA", "X2": "PA", "X3": "PB"},
         },
     },
+    "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 2, "num_workers": 0, "amp": False},
+    "resources": {"train": {"gpus": 0, "cpus": 1, "mem_mb": 1000, "runtime": 10}},
+    "methods": {
+        "stnet": {"model": "stnet", "params": {"encoder": "test_resnet", "input_size": 32}},
+        "histogene": {"model": "histogene", "params": {"patch_px": 16, "dim": 16, "depth": 1, "heads": 2},
+                      "datasets": ["tiny-xenium"], "train": {"batch_size": 1}},
+    },
 }
 
 
@@ -107,6 +114,29 @@ def test_patches_cover_the_normalised_spots(run):
         assert set(barcodes) == set(adata.obs_names) == set(spots["barcode"])
 
 
+def test_one_training_job_per_method_and_fold(run):
+    runs = sorted(p.parent.relative_to(run / "models").as_posix() for p in (run / "models").glob("*/*/fold*/best.pt"))
+    assert runs == ["tiny-visium/stnet/fold0", "tiny-visium/stnet/fold1", "tiny-visium/stnet/fold2",
+                    "tiny-xenium/histogene/fold0", "tiny-xenium/histogene/fold1",
+                    "tiny-xenium/stnet/fold0", "tiny-xenium/stnet/fold1"]
+    info = json.loads((run / "models/tiny-xenium/stnet/fold1/train.json").read_text())
+    assert info["test_samples"] == ["X3"] and info["train_samples"] == ["X1", "X2"]
+    assert info["summary"]["complete"] and info["config"]["train_cfg"]["epochs"] == 2
+    history = pd.read_csv(run / "models/tiny-visium/stnet/fold0/history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
+    assert "done, best epoch" in (run / "logs/train/tiny-visium/stnet/fold0.log").read_text()
+    assert (run / "models/tiny-visium/stnet/fold0/checkpoints/last.pt").is_file()
+
+
+def test_changed_method_settings_retrain_only_that_method(run):
+    changed = json.loads(json.dumps(TINY))
+    changed["methods"]["histogene"]["params"]["dim"] = 8
+    plan = snakemake(run, changed, "all", "-n")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    counts = {line.split()[0]: line.split()[1] for line in plan.stdout.splitlines() if len(line.split()) == 2}
+    assert counts.get("train") == "2" and "normalise" not in counts
+
+
 def test_rerun_has_nothing_to_do(run):
     result = snakemake(run, TINY, "all", "-n")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
@@ -144,7 +174,10 @@ def test_paper_config_plans_six_datasets_offline_and_lint_is_clean():
     assert plan.returncode == 0, plan.stderr[-3000:]
     out = plan.stdout + plan.stderr
     for rule, count in [("fetch_hest", 22), ("select_genes", 6), ("normalise", 22), ("folds", 6),
-                        ("extract_patches", 22)]:
+                        ("extract_patches", 22), ("train", 264)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), rule
+    # 12 methods (4 models + 8 ablations) x 22 folds, each training job asking for one GPU
+    train_resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and "gpu=" in line]
+    assert len(train_resources) == 264 and all("gpu=1," in line for line in train_resources)
     lint = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "--lint"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr

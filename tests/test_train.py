@@ -259,9 +259,6 @@ REAL_PARAMS = {
 
 @pytest.mark.parametrize("name", ["cmrcnet", "bleep", "stnet", "histogene"])
 def test_real_models_train_and_resume_exactly(dataset_dir, tmp_path, name):
-    models = pytest.importorskip("cmrcnet.models")
-    if not hasattr(models, "create_model"):
-        pytest.skip("cmrcnet.models.create_model not written yet")
 
     def real(out, **extra):
         return train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
@@ -281,9 +278,6 @@ def test_real_models_train_and_resume_exactly(dataset_dir, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["cmrcnet", "bleep", "stnet", "histogene"])
 def test_real_models_learn_on_synthetic_slides(synthetic_dir, tmp_path, name):
-    models = pytest.importorskip("cmrcnet.models")
-    if not hasattr(models, "create_model"):
-        pytest.skip("cmrcnet.models.create_model not written yet")
     summary = train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
                          train_cfg={"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None},
                          dataset_dir=synthetic_dir, fold=0, out_dir=tmp_path / "out", progress=False)
