@@ -18,6 +18,9 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/patches.smk"
 include: "rules/train.smk"
+include: "rules/predict.smk"
+include: "rules/evaluate.smk"
+include: "rules/figures.smk"
 
 
 rule all:

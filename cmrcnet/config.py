@@ -136,3 +136,25 @@ def planned_folds(config: dict, dataset: str) -> list[int]:
     if len(patients) < 2:
         raise CMRCNetError(f"config: datasets.{dataset}.patients: leave_one_patient_out needs at least 2 patients")
     return list(range(len(patients)))
+
+
+FINGERPRINT_SECTIONS = ("seed", "genes", "normalise", "patches", "train")
+PREDICTION_SETTINGS = ("k", "weighted", "tta")
+
+
+def run_fingerprint(config: dict, dataset: str, method: str) -> str:
+    """A short hash of every config entry that shapes one method's predictions on one dataset.
+
+    Stored in each prediction file and checked when scoring, so a results folder made under another config
+    (other genes, patches, training or k) is refused rather than averaged with this one's.
+    """
+    import hashlib
+    import json
+
+    relevant = {s: config.get(s) for s in FINGERPRINT_SECTIONS}
+    relevant["evaluation"] = {k: config.get("evaluation", {}).get(k) for k in PREDICTION_SETTINGS}
+    relevant["dataset"] = dataset_config(config, dataset)
+    relevant["method"] = {k: v for k, v in config["methods"][method].items()
+                          if k not in ("paper_name", "ablation", "datasets")}
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -5,6 +5,8 @@ Kept here (not in scripts/) so that the CLI, the scripts and the tests share one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cmrcnet.io import provenance
 from cmrcnet.logs import exit_on_input_error, setup_logging
 
@@ -89,8 +91,6 @@ def extract_patches(smk) -> None:
 
 
 def train(smk) -> None:
-    from pathlib import Path
-
     import torch
 
     from cmrcnet.train import train_fold
@@ -101,6 +101,72 @@ def train(smk) -> None:
         method=method, method_cfg=smk.config["methods"][method], train_cfg=smk.config["train"],
         dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold), out_dir=Path(smk.output.model).parent,
         seed=smk.config["seed"],
+    )
+
+
+def predict(smk) -> None:
+    import torch
+
+    from cmrcnet.inference.predict import predict_fold
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    ev = smk.config["evaluation"]
+    predict_fold(
+        model_path=smk.input.model, dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold),
+        out_path=smk.output[0], method=smk.wildcards.method, ks=ev["k"], weighted=ev["weighted"], tta=ev["tta"],
+        batch_size=ev["batch_size"], fingerprint=smk.params.fingerprint,
+    )
+
+
+def evaluate(smk) -> None:
+    from cmrcnet.evaluation.evaluate import evaluate_dataset, write_evaluation
+
+    dataset = smk.wildcards.dataset
+    ds, ev = smk.config["datasets"][dataset], smk.config["evaluation"]
+    scores, gene_sets, labels = evaluate_dataset(
+        smk.input.predictions, dict(zip(ds["samples"], smk.input.st)), dataset=dataset,
+        marker_genes=ds["marker_genes"], top_genes=ev["top_genes"], protocols=ev["protocols"],
+        hest_bench_n=ev["hest_bench_genes"], hest_bench_min_fraction=ev["hest_bench_min_fraction"],
+        fingerprints=smk.params.fingerprints,
+    )
+    write_evaluation(smk.output, scores, gene_sets, labels, _dataset_provenance(smk, "evaluation"))
+
+
+def tables(smk) -> None:
+    import pandas as pd
+
+    from cmrcnet.evaluation.tables import best_genes_markdown, build_tables, write_tables
+    from cmrcnet.io import atomic_path, write_json, write_table
+
+    scores = pd.concat([pd.read_parquet(p) for p in smk.input.scores], ignore_index=True)
+    gene_sets = pd.concat([pd.read_parquet(p) for p in smk.input.gene_sets], ignore_index=True)
+    labels = pd.concat([pd.read_csv(p, sep="\t") for p in smk.input.labels], ignore_index=True)
+    paper_tables, plain = build_tables(scores, gene_sets, labels, smk.config,
+                                       n_boot=smk.config["evaluation"]["bootstrap"], seed=smk.config["seed"])
+    out_dir = Path(smk.output.summary).parent
+    write_tables(out_dir, paper_tables)
+    for name, frame in plain.items():
+        write_table(out_dir / f"{name}.csv", frame)
+    with atomic_path(out_dir / "table3_best_genes.md") as tmp:
+        tmp.write_text(best_genes_markdown(plain["table3_best_genes"]))
+    write_json(out_dir / "provenance.json", provenance(smk.config, rule=smk.rule))
+
+
+def figures(smk) -> None:
+    import pandas as pd
+
+    from cmrcnet.evaluation.tables import figure_labels
+    from cmrcnet.figures.paper import dataset_figures
+
+    dataset = smk.wildcards.dataset
+    ds = smk.config["datasets"][dataset]
+    labels = pd.read_csv(smk.input.labels, sep="\t")
+    dataset_figures(
+        dataset=dataset, prediction_paths=smk.input.predictions, scores=pd.read_parquet(smk.input.scores),
+        gene_sets=pd.read_parquet(smk.input.gene_sets), labels=figure_labels(labels, smk.config),
+        histories=dict(zip(smk.params.history_names, smk.input.histories)),
+        wsis=dict(zip(ds["samples"], smk.input.wsis)), samples=ds["samples"], out_dir=Path(smk.output[0]).parent,
+        gene=ds["figure_gene"], markers=ds["marker_genes"],
     )
 
 

@@ -1,4 +1,5 @@
 # Config validation, sample tables, path helpers and input functions shared by every stage.
+import json
 import re
 import sys
 
@@ -6,7 +7,8 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate
 
-from cmrcnet.config import check_config, datasets_by_source, methods_for, planned_folds, validate_schema
+from cmrcnet.config import (check_config, datasets_by_source, methods_for, planned_folds, run_fingerprint,
+                            validate_schema)
 from cmrcnet.errors import CMRCNetError
 
 # Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
@@ -25,9 +27,11 @@ DATA = config["data_dir"]
 PROC = config["processed_dir"]
 LOGS = config["log_dir"]
 MODELS = config["models_dir"]
+RESULTS = config["results_dir"]
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
 TRAIN_RESOURCES = config["resources"]["train"]
+PREDICT_RESOURCES = config["resources"]["predict"]
 
 
 def one_of(names):
@@ -64,13 +68,24 @@ RUN = f"{MODELS}/{{dataset}}/{{method}}/fold{{fold}}"
 MODEL = f"{RUN}/best.pt"
 HISTORY = f"{RUN}/history.csv"
 TRAIN_SUMMARY = f"{RUN}/train.json"
+PREDICTIONS = f"{RESULTS}/{{dataset}}/predictions/{{method}}/fold{{fold}}.h5ad"
+SCORES = f"{RESULTS}/{{dataset}}/evaluation/scores.parquet"
+GENE_SET_TABLE = f"{RESULTS}/{{dataset}}/evaluation/gene_sets.parquet"
+LABELS = f"{RESULTS}/{{dataset}}/evaluation/labels.tsv"
+FIGURES = f"{RESULTS}/{{dataset}}/figures"
+FIGURE_NAMES = ["fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig4_heatmaps_hvg", "fig5_spatial",
+                "training_curves"]
+TABLES = f"{RESULTS}/tables"
+# written beside the captioned CSVs: Markdown versions, NaN counts, the label key and provenance
+TABLE_EXTRAS = [f"{t}.md" for t in ("table1_top50", "table2_extended", "table3_best_genes", "table5_ablation",
+                                     "hest_bench")] + ["nan_counts.csv", "labels.csv", "provenance.json"]
 
 
 def method_settings(method):
     """Everything that defines a method's training run, as one string (a Snakemake param)."""
-    import json
-
-    settings = {"method": config["methods"][method], "train": config["train"], "seed": config["seed"]}
+    m = config["methods"][method]
+    settings = {"model": m["model"], "params": m["params"], "method_train": m["train"], "train": config["train"],
+                "seed": config["seed"]}
     return json.dumps(settings, sort_keys=True)
 
 
@@ -79,12 +94,25 @@ def training_runs(dataset):
     return [(m, f) for m in methods_for(config, dataset) for f in FOLD_IDS[dataset]]
 
 
+def fingerprints(dataset):
+    """{method: hash of the config entries that shape its predictions}; see cmrcnet.config.run_fingerprint."""
+    return {m: run_fingerprint(config, dataset, m) for m in methods_for(config, dataset)}
+
+
+def figure_methods(dataset):
+    """The methods a dataset's figures show: all but the ablation variants."""
+    return [m for m in methods_for(config, dataset) if not config["methods"][m]["ablation"]]
+
+
 def all_targets():
-    """Everything the pipeline makes so far, for every dataset in the config."""
+    """Everything the pipeline makes: data, models, predictions, figures per dataset, and the tables."""
     targets = []
     for ds in DATASETS:
         targets += [GENES.format(dataset=ds), FOLDS.format(dataset=ds)]
         for pattern in (NORMALISED, PATCHES, SPOTS):
             targets += expand(pattern, dataset=ds, sample=samples(ds))
         targets += [MODEL.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)]
+        targets += [PREDICTIONS.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)]
+        targets += [f"{FIGURES.format(dataset=ds)}/{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")]
+    targets += [f"{TABLES}/summary.csv"]
     return targets

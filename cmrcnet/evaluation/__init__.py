@@ -1,0 +1,1 @@
+"""Scoring of predicted expression against the truth (both protocols), summaries, statistics and tables."""

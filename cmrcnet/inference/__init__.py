@@ -1,0 +1,1 @@
+"""Inference: predictions for the test spots of a fold (retrieval for CMRCNet/BLEEP, regression otherwise)."""

@@ -1,0 +1,31 @@
+# The paper's figures for each dataset, and the training curves, each PNG captioned in the HTML report.
+
+
+def figure_output(name, caption):
+    return report(f"{FIGURES}/{name}.png", caption=f"../report/{caption}.rst", category="Figures", subcategory="{dataset}")
+
+
+rule figures:
+    input:
+        predictions=lambda w: [PREDICTIONS.format(dataset=w.dataset, method=m, fold=f) for m, f in training_runs(w.dataset)],
+        scores=SCORES,
+        gene_sets=GENE_SET_TABLE,
+        labels=LABELS,
+        histories=lambda w: [HISTORY.format(dataset=w.dataset, method=m, fold=FOLD_IDS[w.dataset][0]) for m in figure_methods(w.dataset)],
+        wsis=lambda w: raw_files("wsis", w),
+    output:
+        fig2=figure_output("fig2_boxplots", "fig2"),
+        fig3=figure_output("fig3_mean_variance", "fig3"),
+        fig4_heg=figure_output("fig4_heatmaps_heg", "fig4"),
+        fig4_hvg=figure_output("fig4_heatmaps_hvg", "fig4"),
+        fig5=figure_output("fig5_spatial", "fig5"),
+        curves=figure_output("training_curves", "curves"),
+        pdfs=expand(f"{FIGURES}/{{name}}.pdf", name=FIGURE_NAMES, allow_missing=True),
+    params:
+        history_names=lambda w: figure_methods(w.dataset),
+    log:
+        f"{LOGS}/figures/{{dataset}}.log",
+    conda:
+        "../envs/cmrcnet.yaml"
+    script:
+        "../scripts/figures.py"

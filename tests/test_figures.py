@@ -1,0 +1,293 @@
+"""Figures: each writes a real PNG and PDF atomically; orders, scales and gene checks are what they claim."""
+
+from __future__ import annotations
+
+import struct
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from matplotlib.axes import Axes
+
+from cmrcnet.data.slide import Slide
+from cmrcnet.data.synthetic import synthesize_sample
+from cmrcnet.errors import CMRCNetError
+from cmrcnet.figures import (
+    boxplots,
+    check_gene,
+    cluster_order,
+    correlation_heatmaps,
+    correlation_matrix,
+    mean_variance,
+    read_thumbnail,
+    save_figure,
+    spatial_maps,
+    training_curves,
+)
+from cmrcnet.figures import thumbnail as thumbnail_module
+from cmrcnet.figures.common import new_figure
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+METHODS = ("CMRCNet", "STNet", "BLEEP")
+
+
+def assert_figure_files(out_base, min_px=200):
+    """Both files exist, the PNG is a real PNG of a sensible size, the PDF starts like a PDF; nothing else beside."""
+    png, pdf = out_base.with_name(out_base.name + ".png"), out_base.with_name(out_base.name + ".pdf")
+    head = png.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width >= min_px and height >= min_px
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+    assert not [p for p in out_base.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+    return png, pdf
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A real synthetic Visium slide: 2400 x 1800 px at level 0, pyramid levels 2400, 1200 and 600 px wide."""
+    root = tmp_path_factory.mktemp("raw")
+    synthesize_sample(root, "S1", technology="visium", sample_index=0, seed=0, patient="P", width_um=1200,
+                      height_um=900, pixel_size_um=0.5, n_genes=100)
+    adata = ad.read_h5ad(root / "st" / "S1.h5ad")
+    return {"wsi": root / "wsis" / "S1.tif", "X": np.log1p(adata.X.toarray()), "genes": list(adata.var_names),
+            "xy": np.asarray(adata.obsm["spatial"], float)}
+
+
+def noisy_preds(X, seed=0):
+    rng = np.random.default_rng(seed)
+    preds = {m: X * w + rng.normal(0, s, X.shape) for m, w, s in zip(METHODS, (0.7, 0.3, 0.0), (0.2, 0.4, 0.3))}
+    preds["BLEEP"][:, 1] = 2.0  # a constant prediction: undefined correlations
+    return preds
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    fig = new_figure(3, 2)
+    fig.subplots().plot([0, 1], [1, 0])
+    paths = save_figure(fig, tmp_path / "sub" / "fig2")
+    assert paths == [tmp_path / "sub" / "fig2.png", tmp_path / "sub" / "fig2.pdf"]
+    assert_figure_files(tmp_path / "sub" / "fig2", min_px=150)
+
+
+def test_save_figure_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    fig = new_figure(3, 2)
+    real = fig.savefig
+
+    def savefig(path, **kwargs):  # the PNG succeeds, the PDF fails
+        if kwargs.get("format") == "pdf":
+            raise RuntimeError("disk full")
+        real(path, **kwargs)
+
+    monkeypatch.setattr(fig, "savefig", savefig)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, tmp_path / "fig")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_figure_keeps_old_outputs_on_failure(tmp_path, monkeypatch):
+    (tmp_path / "fig.png").write_bytes(b"old")
+    fig = new_figure(3, 2)
+    monkeypatch.setattr(fig, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        save_figure(fig, tmp_path / "fig")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
+    assert (tmp_path / "fig.png").read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------------------------------------- genes
+
+
+def test_check_gene_lists_close_names():
+    genes = ["CD24", "EPCAM", "GATA3", "ITLN1", "SYN00001"]
+    assert check_gene("CD24", genes, "figures.genes.COAD") == "CD24"
+    with pytest.raises(CMRCNetError) as err:
+        check_gene("CD2", genes, "figures.genes.COAD")
+    message = str(err.value)
+    assert message.startswith("figures.genes.COAD: gene CD2 is not in the data") and "\n" not in message
+    assert "close names: CD24" in message
+    with pytest.raises(CMRCNetError, match="close names: GATA3"):
+        check_gene("gata3", genes, "x")  # case differs: suggested, not silently accepted
+    with pytest.raises(CMRCNetError, match="no close names among its 5 genes"):
+        check_gene("QQQQQQ", genes, "x")
+
+
+# ---------------------------------------------------------------------------------------------- Fig 2
+
+
+def per_gene_table(nan_for=("BLEEP", "HVG50", 3)):
+    rng = np.random.default_rng(1)
+    rows = [{"method": m, "gene_set": gs, "gene": f"G{i}", "r": rng.uniform(-0.2, 0.9)}
+            for gs in ("HEG50", "HVG50", "marker") for m in METHODS for i in range(20)]
+    table = pd.DataFrame(rows)
+    method, gene_set, n = nan_for
+    idx = table.index[(table["method"] == method) & (table["gene_set"] == gene_set)][:n]
+    table.loc[idx, "r"] = np.nan
+    return table
+
+
+def test_boxplots(tmp_path):
+    table = per_gene_table()
+    assert boxplots(table, tmp_path / "fig2", title="Fig 2") == [tmp_path / "fig2.png", tmp_path / "fig2.pdf"]
+    assert_figure_files(tmp_path / "fig2")
+    # explicit order and selection; a method whose r are all NaN in a panel still draws
+    table.loc[(table["method"] == "STNet") & (table["gene_set"] == "marker"), "r"] = np.nan
+    boxplots(table, tmp_path / "fig2b", methods=["STNet", "CMRCNet"], gene_sets=["marker"])
+    assert_figure_files(tmp_path / "fig2b")
+    with pytest.raises(ValueError, match="lacks column"):
+        boxplots(table.drop(columns="r"), tmp_path / "bad")
+    with pytest.raises(ValueError, match="no rows for method HisToGene"):
+        boxplots(table, tmp_path / "bad", methods=["HisToGene"])
+    assert not list(tmp_path.glob("bad*"))
+
+
+# ---------------------------------------------------------------------------------------------- Fig 3
+
+
+def test_mean_variance(tmp_path, sample):
+    X = sample["X"]
+    mean_variance(X, noisy_preds(X), sample["genes"], tmp_path / "fig3", title="Fig 3")
+    assert_figure_files(tmp_path / "fig3")
+    with pytest.raises(ValueError, match="prediction STNet: expected shape"):
+        mean_variance(X, {"STNet": X[:, :5]}, sample["genes"], tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------- Fig 4
+
+
+def test_correlation_matrix_handles_constant_genes():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 4))
+    x[:, 2] = 3.0
+    corr = correlation_matrix(x)
+    keep = [0, 1, 3]
+    np.testing.assert_allclose(corr[np.ix_(keep, keep)], np.corrcoef(x[:, keep].T), atol=1e-12)
+    assert np.isnan(corr[2]).all() and np.isnan(corr[:, 2]).all()
+    order = cluster_order(corr)
+    assert sorted(order) == [0, 1, 2, 3]
+
+
+def test_correlation_heatmaps_use_truths_order(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    n_spots, genes = 80, [f"G{i}" for i in range(12)]
+    a, b = rng.normal(size=(2, n_spots))
+    truth = rng.normal(0, 0.3, (n_spots, 12))
+    truth[:, 0::2] += a[:, None]  # even genes one programme, odd genes another: clustering must group them
+    truth[:, 1::2] += b[:, None]
+    truth[:, 11] = 1.0  # a constant gene in the truth too
+    preds = {"CMRCNet": truth + rng.normal(0, 0.5, truth.shape), "BLEEP": rng.normal(size=truth.shape)}
+    preds["BLEEP"][:, 0] = 0.0
+    selected = genes[:11] + ["G11"]
+
+    drawn = []
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, data, **kw: drawn.append(np.ma.filled(data, np.nan))
+                        or real_imshow(self, data, **kw))
+    orders = correlation_heatmaps(truth, preds, genes, selected, tmp_path / "fig4", title="Fig 4")
+    assert_figure_files(tmp_path / "fig4")
+
+    assert list(orders) == ["Truth", "CMRCNet", "BLEEP"]
+    order = orders["Truth"]
+    assert all(o == order for o in orders.values())
+    assert sorted(order) == sorted(selected)
+    idx = [genes.index(g) for g in order]
+    assert idx == [selected.index(genes[i]) for i in cluster_order(correlation_matrix(truth[:, [genes.index(g)
+                                                                                               for g in selected]]))]
+    clustered = [g for g in order if g != "G11"]
+    parities = [int(g[1:]) % 2 for g in clustered]
+    assert parities.count(parities[0]) == 6 and len(set(parities[:6])) == 1  # each programme is contiguous
+    # every panel is its own matrix, indexed by the truth's order
+    for image, values in zip(drawn, [truth, *preds.values()]):
+        expected = correlation_matrix(values[:, idx])
+        np.testing.assert_allclose(image, expected, atol=1e-12)
+    assert np.isnan(drawn[2][order.index("G0")]).all()  # constant prediction: a blank row
+
+    with pytest.raises(CMRCNetError, match="figures.heatmap_genes: gene G1x is not in the data; close names: G1"):
+        correlation_heatmaps(truth, preds, genes, ["G1x", "G2"], tmp_path / "bad", where="figures.heatmap_genes")
+    assert not list(tmp_path.glob("bad*"))
+
+
+# ---------------------------------------------------------------------------------------------- thumbnails
+
+
+def record_levels(monkeypatch):
+    levels = []
+    real = Slide.read_region
+
+    def spy(self, x, y, w, h, level=0, fill=255):
+        levels.append(level)
+        return real(self, x, y, w, h, level=level, fill=fill)
+
+    monkeypatch.setattr(Slide, "read_region", spy)
+    return levels
+
+
+@pytest.mark.parametrize(("max_px", "level", "size"), [(512, 2, (512, 384)), (1000, 1, (1000, 750)),
+                                                       (600, 2, (600, 450)), (4000, 0, (2400, 1800))])
+def test_read_thumbnail_level_and_scale(sample, monkeypatch, max_px, level, size):
+    levels = record_levels(monkeypatch)
+    thumb, scale = read_thumbnail(sample["wsi"], max_px=max_px)
+    assert set(levels) == {level}  # the coarsest level still big enough; never level 0 unless the slide is small
+    assert thumb.dtype == np.uint8 and thumb.shape == (size[1], size[0], 3)
+    assert scale == pytest.approx(size[0] / 2400)
+    with Slide(sample["wsi"]) as slide:
+        ref = slide.read_region(0, 0, 600, 450, level=2)
+    assert abs(thumb.mean() - ref.mean()) < 3  # same picture, not a blank canvas
+
+
+def test_read_thumbnail_single_level_is_read_in_bands(tmp_path, monkeypatch):
+    """A slide without a pyramid is shrunk band by band, never decoded whole in one read."""
+    h, w = 300, 500
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2] = (200, 40, 40)
+    image[:, w // 2:] = (40, 40, 200)
+    tifffile.imwrite(tmp_path / "flat.tif", image, tile=(64, 64), photometric="rgb")
+    monkeypatch.setattr(thumbnail_module, "BAND_ROWS", 64)
+    reads = []
+    real = Slide.read_region
+    monkeypatch.setattr(Slide, "read_region", lambda self, x, y, rw, rh, level=0, fill=255:
+                        reads.append(rh) or real(self, x, y, rw, rh, level=level, fill=fill))
+    thumb, scale = read_thumbnail(tmp_path / "flat.tif", max_px=50)
+    assert thumb.shape == (30, 50, 3) and scale == pytest.approx(0.1)
+    assert len(reads) > 1 and max(reads) < h
+    np.testing.assert_allclose(thumb[:, :20].reshape(-1, 3).mean(0), (200, 40, 40), atol=3)
+    np.testing.assert_allclose(thumb[:, 30:].reshape(-1, 3).mean(0), (40, 40, 200), atol=3)
+
+
+# ---------------------------------------------------------------------------------------------- Figs 5-7
+
+
+def test_spatial_maps_on_real_thumbnail(tmp_path, sample):
+    X, genes, xy = sample["X"], sample["genes"], sample["xy"]
+    thumb, scale = read_thumbnail(sample["wsi"], max_px=400)
+    j = genes.index(check_gene("CD24", genes, "figures.genes"))
+    preds = {m: p[:, j] for m, p in noisy_preds(X).items()}
+    preds["STNet"][:5] = np.nan  # missing values are left uncoloured
+    paths = spatial_maps("CD24", X[:, j], preds, xy[:, 0], xy[:, 1], thumb, scale, tmp_path / "fig6",
+                         title="CD24 on synthetic COAD")
+    assert paths == [tmp_path / "fig6.png", tmp_path / "fig6.pdf"]
+    assert_figure_files(tmp_path / "fig6")
+    spatial_maps("CD24", X[:, j], {}, xy[:, 0], xy[:, 1], thumb, scale, tmp_path / "truth_only", spot_diameter_px=110)
+    assert_figure_files(tmp_path / "truth_only")
+    with pytest.raises(ValueError, match="prediction CMRCNet: expected shape"):
+        spatial_maps("CD24", X[:, j], {"CMRCNet": X[:-1, j]}, xy[:, 0], xy[:, 1], thumb, scale, tmp_path / "bad")
+    assert not list(tmp_path.glob("bad*"))
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+
+def test_training_curves(tmp_path):
+    epochs = np.arange(1, 16)
+    histories = {m: pd.DataFrame({"epoch": epochs, "train_loss": 1 + np.exp(-epochs / 4),
+                                  "val_loss": 1.2 + np.exp(-epochs / 5) + 0.02 * epochs, "seconds": 1.0})
+                 for m in METHODS}
+    histories["HisToGene"] = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.5, 0.4]})  # no validation
+    training_curves(histories, tmp_path / "curves", title="Training")
+    assert_figure_files(tmp_path / "curves")
+    with pytest.raises(ValueError, match="history X: lacks column"):
+        training_curves({"X": pd.DataFrame({"epoch": [1]})}, tmp_path / "bad")

@@ -1,0 +1,226 @@
+"""Blocked exact top-k retrieval against a brute-force reference, and neighbour-mean predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmrcnet.errors import CMRCNetError
+from cmrcnet.inference.retrieval import _hits, neighbour_mean, predict_by_retrieval, topk_cosine
+
+
+def brute_force(queries, references, k):
+    """The whole similarity matrix, then a stable descending sort: ties go to the lower reference index."""
+    q = F.normalize(torch.as_tensor(np.asarray(queries), dtype=torch.float32), dim=1)
+    r = F.normalize(torch.as_tensor(np.asarray(references), dtype=torch.float32), dim=1)
+    sims, idx = torch.sort(q @ r.T, dim=1, descending=True, stable=True)
+    return sims[:, :k], idx[:, :k]
+
+
+def gaussian(n, m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+
+
+def assert_same_neighbours(sims, idx, want_sims, want_idx):
+    """Equal to the brute force. On random floats a BLAS may round a product differently in the last bit
+    depending on the block shape (e.g. single-row blocks); then, and only then, neighbours whose similarities
+    are within 1e-6 of each other may come in another order, so such swaps are the only difference allowed."""
+    torch.testing.assert_close(sims, want_sims, rtol=0, atol=1e-6)
+    differ = idx != want_idx
+    near_tie = torch.zeros_like(differ)
+    close = (want_sims[:, 1:] - want_sims[:, :-1]).abs() < 1e-6
+    near_tie[:, 1:] |= close
+    near_tie[:, :-1] |= close
+    near_tie[:, -1] = True  # the k-th place may go to a near-tied (k+1)-th
+    assert near_tie[differ].all()
+    assert differ.float().mean() < 0.01
+
+
+def lattice(n, d, seed):
+    """Vectors of +-1/4 in 16-d: unit norm exactly, dot products exact multiples of 1/16, so ties are exact."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n, d), generator=g) * 2 - 1).float() * 0.25
+
+
+BLOCKS = [(None, None), (7, 13), (64, 100), (33, 128), (1, 1000), (1000, 5000)]
+
+
+@pytest.mark.parametrize(("query_block", "reference_block"), BLOCKS)
+@pytest.mark.parametrize("k", [1, 25, 130])
+def test_topk_equals_brute_force(query_block, reference_block, k):
+    queries, references = gaussian(90, 1100, 24, seed=k)
+    sims, idx = topk_cosine(queries, references, k, query_block=query_block, reference_block=reference_block)
+    want_sims, want_idx = brute_force(queries, references, k)
+    assert sims.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == (90, k)
+    assert_same_neighbours(sims, idx, want_sims, want_idx)
+    assert (sims[:, :-1] >= sims[:, 1:]).all()
+
+
+def test_long_reference_set_uses_the_screen_and_stays_exact():
+    # Many reference blocks of a multiple of 64 columns: the threshold phase and the run screen do most work.
+    queries, references = gaussian(40, 6000, 16, seed=3)
+    sims, idx = topk_cosine(queries, references, 10, query_block=16, reference_block=256)
+    assert_same_neighbours(sims, idx, *brute_force(queries, references, 10))
+
+
+@pytest.mark.parametrize("few", [True, False])
+def test_hits_screen_matches_a_plain_compare(few):
+    g = torch.Generator().manual_seed(0)
+    sims = torch.rand(37, 640, generator=g)
+    threshold = torch.full((37, 1), 0.995 if few else 0.3)
+    threshold[5] = 2.0  # a row with no hits at all
+    rows, cols = _hits(sims, threshold, torch.empty(37, 640, dtype=torch.bool))
+    want = torch.nonzero(sims > threshold)
+    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])
+
+
+@pytest.mark.parametrize(("query_block", "reference_block"), [(None, None), (5, 7), (16, 64), (50, 333)])
+@pytest.mark.parametrize("k", [1, 40, 150])
+def test_exact_ties_go_to_the_lower_index(query_block, reference_block, k):
+    data = lattice(560, 16, seed=1)  # 33 possible similarities over 500 references: ties everywhere
+    queries, references = data[:60], data[60:]
+    sims, idx = topk_cosine(queries, references, k, query_block=query_block, reference_block=reference_block)
+    want_sims, want_idx = brute_force(queries, references, k)
+    assert torch.equal(sims, want_sims)
+    assert torch.equal(idx, want_idx)
+
+
+@pytest.mark.parametrize(("query_block", "reference_block"), [(None, None), (8, 30), (3, 64)])
+def test_duplicate_reference_rows(query_block, reference_block):
+    queries, base = gaussian(30, 80, 12, seed=5)
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(6))
+    references = base.repeat(5, 1)[order]  # every row 5 times, scattered
+    sims, idx = topk_cosine(queries, references, 23, query_block=query_block, reference_block=reference_block)
+    want_sims, want_idx = brute_force(queries, references, 23)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(sims, want_sims, rtol=0, atol=1e-6)
+    # Within each run of equal similarities the indices increase.
+    same = sims[:, 1:] == sims[:, :-1]
+    assert (idx[:, 1:][same] > idx[:, :-1][same]).all()
+
+
+def test_k_equal_to_the_number_of_references():
+    queries, references = gaussian(11, 57, 8, seed=2)
+    sims, idx = topk_cosine(queries, references, 57, query_block=4, reference_block=10)
+    want_sims, want_idx = brute_force(queries, references, 57)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(idx.sort(dim=1).values, torch.arange(57).expand(11, 57))
+    torch.testing.assert_close(sims, want_sims, rtol=0, atol=1e-6)
+
+
+def test_numpy_inputs_and_scale_invariance():
+    queries, references = gaussian(20, 300, 10, seed=4)
+    sims, idx = topk_cosine(queries, references, 15)
+    np_sims, np_idx = topk_cosine(queries.numpy().astype(np.float64), (3.0 * references).numpy(), 15)
+    assert torch.equal(idx, np_idx)
+    torch.testing.assert_close(sims, np_sims, rtol=0, atol=1e-6)
+    assert isinstance(np_sims, torch.Tensor) and np_sims.device.type == "cpu"
+
+
+def test_no_queries_and_zero_vectors():
+    _, references = gaussian(1, 50, 6, seed=0)
+    sims, idx = topk_cosine(np.zeros((0, 6), np.float32), references, 5)
+    assert sims.shape == (0, 5) and idx.shape == (0, 5)
+    sims, idx = topk_cosine(np.zeros((2, 6), np.float32), references, 5, progress=True)
+    assert (sims == 0).all() and torch.equal(idx, torch.arange(5).expand(2, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    queries, references = gaussian(300, 5000, 64, seed=8)
+    cpu = topk_cosine(queries, references, 50, device="cpu")
+    gpu = topk_cosine(queries, references, 50, device="cuda")
+    assert gpu[0].device.type == "cpu"
+    torch.testing.assert_close(gpu[0], cpu[0], rtol=0, atol=1e-5)
+    assert (gpu[1] == cpu[1]).float().mean() > 0.99  # TF32/reduction order may swap near-ties
+
+
+@pytest.mark.parametrize(
+    ("queries", "references", "k", "match"),
+    [
+        (np.ones((3, 4)), np.ones((5, 4)), 6, "^k: 6 neighbours requested but there are only 5 references"),
+        (np.ones((3, 4)), np.ones((5, 4)), 0, "^k: must be at least 1"),
+        (np.ones((3, 4)), np.ones((5, 4)), 2.5, "^k: must be an integer"),
+        (np.ones((3, 4)), np.ones((5, 3)), 2, "^references: have 3 dimensions but the queries have 4"),
+        (np.ones(4), np.ones((5, 4)), 2, "^queries: expected a 2-D array"),
+        (np.array([[1.0, np.nan], [1.0, 2.0]]), np.ones((5, 2)), 2, r"^queries: contain NaN .* \(first in row 0\)"),
+        (np.ones((2, 2)), np.array([[1.0, 0.0]] * 3 + [[np.inf, 1.0]]), 2, r"^references: contain NaN .* row 3"),
+    ],
+)
+def test_topk_errors(queries, references, k, match):
+    with pytest.raises(CMRCNetError, match=match):
+        topk_cosine(queries, references, k)
+
+
+def test_large_finite_values_are_not_mistaken_for_infinite():
+    big = np.full((3, 4), 3e38, dtype=np.float32)  # row sums overflow float32, values are finite
+    sims, idx = topk_cosine(big, big, 3)
+    assert torch.equal(idx, torch.arange(3).expand(3, 3))
+
+
+def test_neighbour_mean_against_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.poisson(3.0, size=(200, 7)).astype(np.float32)
+    idx = rng.integers(0, 200, size=(33, 12))
+    want = values[idx].mean(axis=1, dtype=np.float64)
+    for block_elements in (1, 100, 1 << 23):  # one query per block, a few, all
+        got = neighbour_mean(idx, None, values, block_elements=block_elements)
+        assert got.dtype == np.float32 and got.shape == (33, 7)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(neighbour_mean(torch.from_numpy(idx), None, values.astype(np.float64)), want, rtol=1e-12)
+
+
+def test_weighted_neighbour_mean():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(50, 4))
+    idx = rng.integers(0, 50, size=(6, 5))
+    sims = rng.uniform(-0.5, 1.0, size=(6, 5))
+    sims[2] = [-0.3, -0.1, 0.0, -0.9, -0.2]  # no positive weight: plain mean
+    w = np.clip(sims, 0, None)
+    want = np.einsum("nk,nkg->ng", w, values[idx]) / np.where(w.sum(1) > 0, w.sum(1), 1)[:, None]
+    want[2] = values[idx[2]].mean(axis=0)
+    got = neighbour_mean(idx, sims, values, weighted=True, block_elements=40)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert not np.allclose(got, neighbour_mean(idx, sims, values))
+
+
+def test_neighbour_mean_errors():
+    values = np.ones((10, 3))
+    with pytest.raises(CMRCNetError, match="^indices: out of range for 10 references"):
+        neighbour_mean(np.array([[0, 10]]), None, values)
+    with pytest.raises(CMRCNetError, match="^similarities: required for the weighted mean"):
+        neighbour_mean(np.array([[0, 1]]), None, values, weighted=True)
+    with pytest.raises(CMRCNetError, match="^similarities: shape"):
+        neighbour_mean(np.array([[0, 1]]), np.ones((1, 3)), values, weighted=True)
+    with pytest.raises(CMRCNetError, match="^reference_values: expected a dense 2-D array"):
+        neighbour_mean(np.array([[0, 1]]), None, np.ones(10))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_predict_by_retrieval_prefixes_equal_separate_searches(weighted):
+    data = lattice(260, 16, seed=9)  # exact ties, so the prefix property is tested where it is hardest
+    queries, references = data[:40], data[40:]
+    values = np.random.default_rng(2).gamma(2.0, size=(220, 9)).astype(np.float32)
+    preds = predict_by_retrieval(queries, references, values, [60, 5, 20, 60], weighted=weighted,
+                                 query_block=16, reference_block=50)
+    assert list(preds) == [5, 20, 60]
+    for k, pred in preds.items():
+        sims, idx = topk_cosine(queries, references, k)
+        want = neighbour_mean(idx, sims, values, weighted=weighted)
+        assert pred.shape == (40, 9) and pred.dtype == np.float32
+        np.testing.assert_allclose(pred, want, rtol=1e-6)
+
+
+def test_predict_by_retrieval_errors():
+    emb = np.ones((5, 3))
+    with pytest.raises(CMRCNetError, match="^ks: no neighbour counts given"):
+        predict_by_retrieval(emb, emb, np.ones((5, 2)), [])
+    with pytest.raises(CMRCNetError, match="^ks: must be at least 1"):
+        predict_by_retrieval(emb, emb, np.ones((5, 2)), [0, 2])
+    with pytest.raises(CMRCNetError, match="^reference_values: have 4 rows but there are 5 reference embeddings"):
+        predict_by_retrieval(emb, emb, np.ones((4, 2)), [2])
+    with pytest.raises(CMRCNetError, match="^k: 6 neighbours requested but there are only 5 references"):
+        predict_by_retrieval(emb, emb, np.ones((5, 2)), [2, 6])
