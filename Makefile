@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)  ## the whole pipeline on the built-in synthetic demo (config/config.yaml)
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml all
+	$(BIN)/snakemake all --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/snakemake --configfile config/config.yaml --report report.html
+	@echo "demo done: tables in results/tables/, figures in results/*/figures/, everything in report.html"
 
 test: $(STAMP)  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
@@ -27,4 +29,4 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf data processed logs .snakemake report.html
+	rm -rf data processed models results logs .snakemake report.html

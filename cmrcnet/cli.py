@@ -84,9 +84,9 @@ def _patches(args) -> None:
     print(json.dumps(summary, default=str))
 
 
-def _train(args) -> None:
+def _config_for_run(args) -> dict:
+    """The validated config, with the dataset and method of a train/predict command checked."""
     from cmrcnet.config import dataset_config, load_config
-    from cmrcnet.train import train_fold
 
     config = load_config(args.config)
     dataset_config(config, args.dataset)
@@ -95,12 +95,36 @@ def _train(args) -> None:
 
         known = ", ".join(config["methods"]) or "none"
         raise input_error(args.config, f"methods.{args.method}: no such method; the config has {known}")
+    return config
+
+
+def _train(args) -> None:
+    from cmrcnet.train import train_fold
+
+    config = _config_for_run(args)
     dataset_dir = Path(args.processed_dir or config["processed_dir"]) / args.dataset
     out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}")
     summary = train_fold(method=args.method, method_cfg=config["methods"][args.method], train_cfg=config["train"],
                          dataset_dir=dataset_dir, fold=args.fold, out_dir=out_dir, seed=config["seed"],
                          device=args.device)
     print(json.dumps(summary, default=str))
+
+
+def _predict(args) -> None:
+    from cmrcnet.config import run_fingerprint
+    from cmrcnet.inference.predict import predict_fold
+
+    config = _config_for_run(args)
+    ev = config["evaluation"]
+    run_dir = Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}"
+    default_out = Path(config["results_dir"]) / args.dataset / "predictions" / args.method / f"fold{args.fold}.h5ad"
+    out = Path(args.out or default_out)
+    info = predict_fold(model_path=args.model or run_dir / "best.pt",
+                        dataset_dir=Path(args.processed_dir or config["processed_dir"]) / args.dataset, fold=args.fold,
+                        out_path=out, method=args.method, ks=ev["k"], weighted=ev["weighted"], tta=ev["tta"],
+                        batch_size=ev["batch_size"], device=args.device,
+                        fingerprint=run_fingerprint(config, args.dataset, args.method))
+    print(json.dumps({**info, "out": str(out)}, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: {models_dir}/{dataset}/{method}/fold{fold}")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="predict one fold's test samples with a trained model (evaluation.k, tta)")
+    p.add_argument("config")
+    p.add_argument("dataset")
+    p.add_argument("method")
+    p.add_argument("fold", type=int)
+    p.add_argument("--model", help="default: {models_dir}/{dataset}/{method}/fold{fold}/best.pt")
+    p.add_argument("--processed-dir", help="default: the config's processed_dir")
+    p.add_argument("--out", help="default: {results_dir}/{dataset}/predictions/{method}/fold{fold}.h5ad")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -153,7 +153,7 @@ def run_fingerprint(config: dict, dataset: str, method: str) -> str:
 
     relevant = {s: config.get(s) for s in FINGERPRINT_SECTIONS}
     relevant["evaluation"] = {k: config.get("evaluation", {}).get(k) for k in PREDICTION_SETTINGS}
-    relevant["dataset"] = dataset_config(config, dataset)
+    relevant["dataset"] = {k: v for k, v in dataset_config(config, dataset).items() if k != "figure_gene"}
     relevant["method"] = {k: v for k, v in config["methods"][method].items()
                           if k not in ("paper_name", "ablation", "datasets")}
     text = json.dumps(relevant, sort_keys=True, default=str)

@@ -44,6 +44,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "channels_last": True,
     "max_steps_per_epoch": None,
     "grad_clip": None,
+    "shuffle_pairs": False,
 }
 # Settings that change speed or length, not the path a run takes: a checkpoint may be resumed with other values.
 NOT_FINGERPRINTED = ("num_workers", "epochs")
@@ -73,6 +74,7 @@ def resolve_train_cfg(train_cfg: dict | None, method_cfg: dict, method: str) -> 
         "num_workers": isinstance(cfg["num_workers"], int) and cfg["num_workers"] >= 0,
         "max_steps_per_epoch": cfg["max_steps_per_epoch"] is None or cfg["max_steps_per_epoch"] >= 1,
         "grad_clip": cfg["grad_clip"] is None or cfg["grad_clip"] > 0,
+        "shuffle_pairs": isinstance(cfg["shuffle_pairs"], bool),
     }
     for key, ok in checks.items():
         if not ok:
@@ -169,6 +171,8 @@ def _make_loaders(data: Fold, train_part: Part, val_part: Part, model, cfg: dict
 
     size = int(model.input_size)
     if model.slide_level:
+        if cfg.get("shuffle_pairs"):
+            raise input_error("train.shuffle_pairs", "the shuffled-pairing control supports spot-level models only")
         train_ds = data.slide_dataset(train_part, size, augment=True, seed=seed)
         val_ds = data.slide_dataset(val_part, size, augment=False, seed=seed)
         batch_size = 1
@@ -176,6 +180,8 @@ def _make_loaders(data: Fold, train_part: Part, val_part: Part, model, cfg: dict
         train_ds = data.spot_dataset(train_part, size, augment=True, seed=seed)
         val_ds = data.spot_dataset(val_part, size, augment=False, seed=seed)
         batch_size = cfg["batch_size"]
+        if cfg.get("shuffle_pairs"):  # the shuffled-pairing control: same spots, broken image-expression link
+            train_ds.expression = train_ds.expression[np.random.default_rng(seed).permutation(len(train_ds))]
     max_steps = cfg["max_steps_per_epoch"]
     sampler = EpochSampler(len(train_ds), seed, shuffle=True,
                            limit=None if max_steps is None else max_steps * batch_size)

@@ -104,6 +104,11 @@ def figure_methods(dataset):
     return [m for m in methods_for(config, dataset) if not config["methods"][m]["ablation"]]
 
 
+def figure_output(name, caption):
+    """A figure's PNG as a report item, captioned by report/{caption}.rst, grouped by dataset."""
+    return report(f"{FIGURES}/{name}.png", caption=f"../report/{caption}.rst", category="Figures", subcategory="{dataset}")
+
+
 def all_targets():
     """Everything the pipeline makes: data, models, predictions, figures per dataset, and the tables."""
     targets = []

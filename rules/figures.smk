@@ -1,10 +1,6 @@
 # The paper's figures for each dataset, and the training curves, each PNG captioned in the HTML report.
 
 
-def figure_output(name, caption):
-    return report(f"{FIGURES}/{name}.png", caption=f"../report/{caption}.rst", category="Figures", subcategory="{dataset}")
-
-
 rule figures:
     input:
         predictions=lambda w: [PREDICTIONS.format(dataset=w.dataset, method=m, fold=f) for m, f in training_runs(w.dataset)],
@@ -23,6 +19,7 @@ rule figures:
         pdfs=expand(f"{FIGURES}/{{name}}.pdf", name=FIGURE_NAMES, allow_missing=True),
     params:
         history_names=lambda w: figure_methods(w.dataset),
+        gene=lambda w: config["datasets"][w.dataset]["figure_gene"],
     log:
         f"{LOGS}/figures/{{dataset}}.log",
     conda:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ TINY = {
     "datasets": {
         "tiny-visium": {
             "source": "synthetic", "technology": "visium", "samples": ["V1", "V2", "V3"],
-            "marker_genes": ["EPCAM", "RND"],
+            "marker_genes": ["EPCAM", "RND"], "figure_gene": "EPCAM",
             "synthetic": {"seed": 5, "width_um": 700, "height_um": 700, "n_genes": 300},
         },
         "tiny-xenium": {
@@ -37,8 +38,11 @@ TINY = {
     },
     "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 2, "num_workers": 0, "amp": False},
     "resources": {"train": {"gpus": 0, "cpus": 1, "mem_mb": 1000, "runtime": 10}},
+    "evaluation": {"k": [5, 10], "tta": True, "top_genes": [20, 50], "bootstrap": 100},
     "methods": {
-        "stnet": {"model": "stnet", "params": {"encoder": "test_resnet", "input_size": 32}},
+        "stnet": {"model": "stnet", "paper_name": "STNet", "params": {"encoder": "test_resnet", "input_size": 32}},
+        "bleep": {"model": "bleep", "params": {"encoder": "test_resnet", "input_size": 32, "embed_dim": 16},
+                  "datasets": ["tiny-visium"]},
         "histogene": {"model": "histogene", "params": {"patch_px": 16, "dim": 16, "depth": 1, "heads": 2},
                       "datasets": ["tiny-xenium"], "train": {"batch_size": 1}},
     },
@@ -116,7 +120,8 @@ def test_patches_cover_the_normalised_spots(run):
 
 def test_one_training_job_per_method_and_fold(run):
     runs = sorted(p.parent.relative_to(run / "models").as_posix() for p in (run / "models").glob("*/*/fold*/best.pt"))
-    assert runs == ["tiny-visium/stnet/fold0", "tiny-visium/stnet/fold1", "tiny-visium/stnet/fold2",
+    assert runs == ["tiny-visium/bleep/fold0", "tiny-visium/bleep/fold1", "tiny-visium/bleep/fold2",
+                    "tiny-visium/stnet/fold0", "tiny-visium/stnet/fold1", "tiny-visium/stnet/fold2",
                     "tiny-xenium/histogene/fold0", "tiny-xenium/histogene/fold1",
                     "tiny-xenium/stnet/fold0", "tiny-xenium/stnet/fold1"]
     info = json.loads((run / "models/tiny-xenium/stnet/fold1/train.json").read_text())
@@ -135,6 +140,61 @@ def test_changed_method_settings_retrain_only_that_method(run):
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = {line.split()[0]: line.split()[1] for line in plan.stdout.splitlines() if len(line.split()) == 2}
     assert counts.get("train") == "2" and "normalise" not in counts
+    # and re-predicts, re-scores and redraws only what depends on it
+    assert counts.get("predict") == "2" and counts.get("evaluate") == "1" and counts.get("figures") == "1"
+
+
+def test_predictions_keep_truth_and_one_layer_per_variant(run):
+    pred = ad.read_h5ad(run / "results/tiny-visium/predictions/bleep/fold1.h5ad")
+    truth = ad.read_h5ad(run / "processed/tiny-visium/st/V2.h5ad")
+    assert set(pred.layers) == {"k5", "k10"} and dict(pred.uns["labels"]) == {"k5": "bleep-k5", "k10": "bleep-k10"}
+    assert list(pred.var_names) == list(truth.var_names) and set(pred.obs["sample"]) == {"V2"}
+    order = [truth.obs_names.get_loc(b) for b in pred.obs["barcode"]]
+    assert np.allclose(pred.X, np.asarray(truth.X[order].todense() if hasattr(truth.X, "todense") else truth.X[order]))
+    stnet = ad.read_h5ad(run / "results/tiny-xenium/predictions/stnet/fold0.h5ad")
+    assert set(stnet.layers) == {"pred", "tta"} and not np.allclose(stnet.layers["pred"], stnet.layers["tta"])
+    assert json.loads(stnet.uns["cmrcnet"])["fingerprint"]
+
+
+def test_tables_and_figures_cover_every_method_and_dataset(run):
+    tables = run / "results/tables"
+    summary = pd.read_csv(tables / "summary.csv")
+    assert set(summary["protocol"]) == {"paper", "hest-bench"}
+    assert set(summary["method"]) == {"stnet", "stnet-tta", "bleep-k5", "bleep-k10", "histogene"}
+    assert {"HEG20", "HVG50", "marker", "hest50"} <= set(summary["gene_set"])
+    t1 = pd.read_csv(tables / "table1_top50.csv")
+    assert set(t1["dataset"]) == {"tiny-visium", "tiny-xenium"} and "HEG50_paper" in t1.columns
+    assert "| tiny-visium | bleep-k5 |" in (tables / "table1_top50.md").read_text()
+    wilcoxon = pd.read_csv(tables / "wilcoxon.csv")
+    assert len(wilcoxon[(wilcoxon.dataset == "tiny-visium") & (wilcoxon.gene_set == "HEG50")]) == 6  # 4 labels
+    best = pd.read_csv(tables / "table3_best_genes.csv")
+    assert best.groupby(["dataset", "method"]).size().eq(5).all()
+    assert json.loads((tables / "provenance.json").read_text())["versions"]["torch"]
+    for ds in ("tiny-visium", "tiny-xenium"):
+        for name in ("fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig4_heatmaps_hvg",
+                     "fig5_spatial", "training_curves"):
+            for ext in ("png", "pdf"):
+                assert (run / f"results/{ds}/figures/{name}.{ext}").stat().st_size > 1000, (ds, name, ext)
+    assert "spatial gene EPCAM on V1" in (run / "logs/figures/tiny-visium.log").read_text()
+
+
+def test_report_holds_every_table_and_figure(run):
+    result = snakemake(run, TINY, "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "report.html").stat().st_size > 10_000
+
+
+def test_unknown_figure_gene_names_close_genes(run):
+    changed = json.loads(json.dumps(TINY))
+    changed["datasets"]["tiny-visium"]["figure_gene"] = "EPCM"
+    result = snakemake(run, changed, "all")
+    assert result.returncode != 0
+    assert re.findall(r"^(?:local)?rule (\w+):$", result.stdout + result.stderr, re.M) == ["figures"]  # nothing else
+    log = (run / "logs/figures/tiny-visium.log").read_text()
+    assert "tiny-visium: figure_gene: gene EPCM is not in the data; close names: EPCAM" in log
+    assert not (run / "results/tiny-visium/figures/fig5_spatial.png").exists()  # no stale figure left
+    restored = snakemake(run, TINY, "all")
+    assert restored.returncode == 0, restored.stderr[-3000:]
 
 
 def test_rerun_has_nothing_to_do(run):
@@ -174,10 +234,24 @@ def test_paper_config_plans_six_datasets_offline_and_lint_is_clean():
     assert plan.returncode == 0, plan.stderr[-3000:]
     out = plan.stdout + plan.stderr
     for rule, count in [("fetch_hest", 22), ("select_genes", 6), ("normalise", 22), ("folds", 6),
-                        ("extract_patches", 22), ("train", 264)]:
+                        ("extract_patches", 22), ("train", 264), ("predict", 264), ("evaluate", 6),
+                        ("figures", 6), ("tables", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), rule
     # 12 methods (4 models + 8 ablations) x 22 folds, each training job asking for one GPU
-    train_resources = [line for line in out.splitlines() if line.strip().startswith("resources:") and "gpu=" in line]
-    assert len(train_resources) == 264 and all("gpu=1," in line for line in train_resources)
+    gpu_jobs = [line for line in out.splitlines() if line.strip().startswith("resources:") and "gpu=" in line]
+    assert len(gpu_jobs) == 2 * 264 and all("gpu=1," in line for line in gpu_jobs)
     lint = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "--lint"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+
+
+def test_cli_predict_matches_the_rule(run, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "bleep-fold1.h5ad"
+    result = subprocess.run([sys.executable, "-m", "cmrcnet", "predict", str(config), "tiny-visium", "bleep", "1",
+                             "--out", str(out), "--device", "cpu"], capture_output=True, text=True, cwd=run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = ad.read_h5ad(out)
+    rule = ad.read_h5ad(run / "results/tiny-visium/predictions/bleep/fold1.h5ad")
+    assert np.array_equal(ours.layers["k10"], rule.layers["k10"])  # deterministic on the CPU
+    assert json.loads(ours.uns["cmrcnet"])["fingerprint"] == json.loads(rule.uns["cmrcnet"])["fingerprint"]

@@ -215,18 +215,20 @@ def test_every_job_ran_as_a_slurm_job(cluster, runs):
         rules.add(rule)
         # the plugin's per-job log: written by SLURM (StdOut), from a Snakemake started inside the job
         log = Path(job["snakemake_log"])
-        assert job["StdOut"] == str(log) and log.parent.parent.name == f"rule_{rule}", job
+        # .snakemake/slurm_logs/rule_{rule}/[{wildcards}/]{jobid}.log
+        assert job["StdOut"] == str(log) and f"rule_{rule}" in (log.parent.name, log.parent.parent.name), job
         text = log.read_text()
         assert "--executor slurm-jobstep" in text and f"rule {rule}:" in text, text[-2000:]
         assert f"Allocate JobId={jobid} " in cluster.ctld_log.read_text()
     assert rules == set(re.findall(r"^(?:local)?rule (\w+):$", local_output, re.M)) - {"all"}
-    assert {"synthesize", "normalise", "folds", "extract_patches", "train"} <= rules
+    assert {"synthesize", "normalise", "folds", "extract_patches", "train", "predict", "evaluate", "figures",
+            "tables"} <= rules
 
 
 def test_training_jobs_got_a_gpu_in_the_gpu_partition(cluster, runs):
     on_slurm, output, _, _ = runs
     jobs = slurm_jobs_of_the_run(cluster, output).values()
-    gpu_jobs = [j for j in jobs if re.match(r"rule_(\w+?)_wildcards_", j["Comment"]).group(1) in GPU_RULES]
+    gpu_jobs = [j for j in jobs if re.fullmatch(r"rule_([a-z_]+?)(?:_wildcards_.*)?", j["Comment"]).group(1) in GPU_RULES]
     assert len([j for j in gpu_jobs if j["Comment"].startswith("rule_train_")]) == 7
     for job in gpu_jobs:  # sbatch --gpus=fake:1 -p gpu; scontrol -d shows the GPU it was given
         assert job["Partition"] == cluster.GPU_PARTITION, job

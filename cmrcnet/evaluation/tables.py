@@ -243,14 +243,25 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
         pd.DataFrame()
     ablation_k = 50 if 50 in ks else ks[0]
     note = "mean ± sd over folds; in brackets the paper's value and our difference"
+    dataset_rank = {d: i for i, d in enumerate(config.get("datasets", {}))}
+    label_rank = {label: i for i, label in enumerate(labels["label"])}  # config order of methods, then k
+
+    def in_order(table: pd.DataFrame) -> pd.DataFrame:
+        if table.empty:
+            return table
+        key = table["method"].map(label_rank).fillna(len(label_rank))
+        if "dataset" in table.columns:
+            key = table["dataset"].map(dataset_rank).fillna(len(dataset_rank)) * (len(label_rank) + 1) + key
+        return table.iloc[key.argsort(kind="stable")].reset_index(drop=True)
+
     paper_tables = {
-        "table1_top50": (table1(summary, labels, ks), MAIN_SETS, "Table 1: top-50 HEG, HVG and marker genes",
+        "table1_top50": (in_order(table1(summary, labels, ks)), MAIN_SETS, "Table 1: top-50 HEG, HVG and marker genes",
                          f"{note}. Retrieval methods at k = {min(ks)} and {max(ks)}."),
-        "table2_extended": (table2(summary, labels), EXTENDED_SETS, "Table 2: top-150 and top-250 HEG and HVG",
+        "table2_extended": (in_order(table2(summary, labels)), EXTENDED_SETS, "Table 2: top-150 and top-250 HEG and HVG",
                             f"{note}. The paper pairs top-150 with k = 250 and top-250 with k = 500."),
-        "table5_ablation": (table5(summary, labels, ablation_k), MAIN_SETS,
+        "table5_ablation": (in_order(table5(summary, labels, ablation_k)), MAIN_SETS,
                             f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)", note),
-        "hest_bench": (hest_bench_table(summary, labels), ["hest50"], "HEST-bench: 50 fixed genes",
+        "hest_bench": (in_order(hest_bench_table(summary, labels)), ["hest50"], "HEST-bench: 50 fixed genes",
                        "Pearson r over each fold's whole test split; no paper values exist for this protocol."),
     }
     plain = {"summary": summary, "wilcoxon": wilcoxon, "table3_best_genes": best, "nan_counts": count_nan(scores),
