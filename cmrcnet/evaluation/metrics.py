@@ -198,6 +198,18 @@ def _check_genes(genes: Sequence[str], n_cols: int, where: str) -> list[str]:
     return genes
 
 
+def _checked_pair(truth, pred, genes: Sequence[str], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Truth and prediction as float64 spots x genes of one shape, finite, with unique gene names."""
+    t = _as_matrix(truth, "truth", where)
+    p = _as_matrix(pred, "predictions", where)
+    genes = _check_genes(genes, t.shape[1], where)
+    if t.shape != p.shape:
+        raise input_error(where, f"truth has shape {t.shape} but predictions have shape {p.shape}")
+    _check_finite(t, "truth", where, genes)
+    _check_finite(p, "predictions", where, genes)
+    return t, p, genes
+
+
 def score_paper_protocol(truth, pred, genes: Sequence[str], spot_samples: Sequence[str], *, dataset: str,
                          method: str, fold: int, marker_genes: Sequence[str] = (),
                          heg_hvg_sizes: Sequence[int] = (50, 150, 250),
@@ -210,13 +222,7 @@ def score_paper_protocol(truth, pred, genes: Sequence[str], spot_samples: Sequen
     (scores, gene_sets) in the formats of SCORE_COLUMNS and GENE_SET_COLUMNS.
     """
     where = where or f"{dataset}/{method}/fold {fold}"
-    t = _as_matrix(truth, "truth", where)
-    p = _as_matrix(pred, "predictions", where)
-    genes = _check_genes(genes, t.shape[1], where)
-    if t.shape != p.shape:
-        raise input_error(where, f"truth has shape {t.shape} but predictions have shape {p.shape}")
-    _check_finite(t, "truth", where, genes)
-    _check_finite(p, "predictions", where, genes)
+    t, p, genes = _checked_pair(truth, pred, genes, where)
     spot_samples = np.asarray([str(s) for s in spot_samples], dtype=object)
     if len(spot_samples) != t.shape[0]:
         raise input_error(where, f"{len(spot_samples)} sample labels for {t.shape[0]} spots")
@@ -254,13 +260,7 @@ def score_hest_bench(truth, pred, genes: Sequence[str], *, dataset: str, method:
     bench genes are chosen among genes every sample has. Returns (scores, gene_sets); the set is `gene_set`.
     """
     where = where or f"{dataset}/{method}/fold {fold}"
-    t = _as_matrix(truth, "truth", where)
-    p = _as_matrix(pred, "predictions", where)
-    genes = _check_genes(genes, t.shape[1], where)
-    if t.shape != p.shape:
-        raise input_error(where, f"truth has shape {t.shape} but predictions have shape {p.shape}")
-    _check_finite(t, "truth", where, genes)
-    _check_finite(p, "predictions", where, genes)
+    t, p, genes = _checked_pair(truth, pred, genes, where)
     bench = list(dict.fromkeys(str(g) for g in bench_genes))
     if not bench:
         raise input_error(where, "no HEST-bench genes given")
