@@ -285,7 +285,9 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt_class = getattr(torch.optim, cfg["optimizer"])
-    optimizer = opt_class(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # frozen parts (a foundation model's encoder) are left out, so weight decay never touches them
+    optimizer = opt_class([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                          weight_decay=cfg["weight_decay"])
 
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "bad_epochs": 0,
                              "history": [], "stopped_early": False}

@@ -77,8 +77,8 @@ FIGURE_NAMES = ["fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig
                 "training_curves"]
 TABLES = f"{RESULTS}/tables"
 # written beside the captioned CSVs: Markdown versions, NaN counts, the label key and provenance
-TABLE_EXTRAS = [f"{t}.md" for t in ("table1_top50", "table2_extended", "table3_best_genes", "table5_ablation",
-                                     "hest_bench")] + ["nan_counts.csv", "labels.csv", "provenance.json"]
+TABLE_EXTRAS = [f"{t}.md" for t in ("table1_top50", "table2_extended", "table3_best_genes", "table4_foundation",
+                                     "table5_ablation", "hest_bench")] + ["nan_counts.csv", "labels.csv", "provenance.json"]
 
 
 def method_settings(method):

@@ -31,6 +31,7 @@ rule tables:
         table1=report(f"{TABLES}/table1_top50.csv", caption="../report/table1.rst", category="Tables"),
         table2=report(f"{TABLES}/table2_extended.csv", caption="../report/table2.rst", category="Tables"),
         table3=report(f"{TABLES}/table3_best_genes.csv", caption="../report/table3.rst", category="Tables"),
+        table4=report(f"{TABLES}/table4_foundation.csv", caption="../report/table4.rst", category="Tables"),
         table5=report(f"{TABLES}/table5_ablation.csv", caption="../report/table5.rst", category="Tables"),
         hest_bench=report(f"{TABLES}/hest_bench.csv", caption="../report/hest_bench.rst", category="Tables"),
         wilcoxon=report(f"{TABLES}/wilcoxon.csv", caption="../report/wilcoxon.rst", category="Tables"),

@@ -199,3 +199,26 @@ def test_fingerprint_ignores_the_figure_gene():
     other = copy.deepcopy(config)
     other["datasets"]["d"]["figure_gene"] = "CD24"
     assert run_fingerprint(config, "d", "stnet") == run_fingerprint(other, "d", "stnet")
+
+
+def test_table4_puts_a_foundation_model_beside_cmrcnet_at_the_largest_k(tmp_path):
+    normalised = write_normalised(tmp_path)
+    paths = []
+    for fold in range(3):
+        paths.append(write_prediction(tmp_path / f"fm/fold{fold}.h5ad", method="fm", fold=fold,
+                                      layers={"pred": perfect, "tta": noisy}))
+        paths.append(write_prediction(tmp_path / f"cm/fold{fold}.h5ad", method="cmrcnet", fold=fold,
+                                      layers={"k50": noisy, "k500": perfect}))
+    config = {"evaluation": {"k": [50, 500]}, "datasets": {"IDC-LymphNode": {}}, "methods": {
+        "fm": {"model": "foundation", "paper_name": "cTransPath", "params": {}},
+        "cmrcnet": {"model": "cmrcnet", "paper_name": "CMRCNet", "params": {}}}}
+    scores, sets, labels = evaluate_dataset(paths, normalised, dataset="IDC-LymphNode", protocols=["paper"])
+    paper_tables, _ = build_tables(scores, sets, labels, config, n_boot=100)
+    t4 = paper_tables["table4_foundation"][0].set_index("method")
+    assert list(t4.index) == ["fm", "cmrcnet-k500"]
+    assert t4.loc["fm", "HEG50_paper"] == pytest.approx(0.4326)  # the paper's cTransPath on IDC-LymphNode
+    assert t4.loc["cmrcnet-k500", "HVG50_paper"] == pytest.approx(0.2479)
+    assert t4.loc["fm", "HEG50_diff"] == pytest.approx(1.0 - 0.4326)
+    without = build_tables(scores[scores["method"] != "fm"], sets, labels[labels["method"] != "fm"],
+                           {**config, "methods": {"cmrcnet": config["methods"]["cmrcnet"]}}, n_boot=100)[0]
+    assert without["table4_foundation"][0].empty

@@ -78,7 +78,7 @@ def test_forward_backward_tiny(name):
 
 
 def test_list_models():
-    assert list_models() == ["bleep", "cmrcnet", "histogene", "stnet"]
+    assert list_models() == ["bleep", "cmrcnet", "foundation", "histogene", "stnet"]
 
 
 def test_cmrcnet_paper_size_token_shape():
@@ -271,7 +271,7 @@ def test_histogene_positions_matter():
 # --- registry and encoders -----------------------------------------------------------------------------
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(CMRCNetError, match="bleep, cmrcnet, histogene, stnet"):
+    with pytest.raises(CMRCNetError, match="bleep, cmrcnet, foundation, histogene, stnet"):
         create_model("cmrcnett", G)
 
 
@@ -337,3 +337,22 @@ def test_pretrained_mismatch_is_reported(tmp_path):
     (tmp_path / "junk.pth").write_text("not weights")
     with pytest.raises(CMRCNetError, match="cannot read weights"):
         create_encoder("resnet10t", pretrained_path=tmp_path / "junk.pth")
+
+
+def test_foundation_encoder_stays_frozen_while_the_read_out_learns(tmp_path):
+    torch.manual_seed(1)
+    torch.save(create_encoder("resnet10t").state_dict(), tmp_path / "fm.pth")
+    model = create_model("foundation", G, encoder="resnet10t", input_size=32, pretrained_path=str(tmp_path / "fm.pth"))
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    model.train()
+    assert model.training and not model.image_encoder.training  # BatchNorm statistics stay fixed
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    for seed in range(3):
+        optimizer.zero_grad()
+        model(spot_batch(seed=seed))["loss"].backward()
+        optimizer.step()
+    after = model.image_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running stats unchanged
+    assert model.head.weight.abs().sum() > 0  # the read-out moved from its zero start
+    loaded = torch.load(tmp_path / "fm.pth")
+    assert all(torch.equal(loaded[k], after[k]) for k in loaded)

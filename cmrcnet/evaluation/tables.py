@@ -15,7 +15,6 @@ import pandas as pd
 
 from cmrcnet.io import atomic_path, write_table
 
-PAPER_TABLES = ("table1_top50", "table2_extended", "table5_ablation")
 CMRCNET_DEFAULTS = {"recon_loss": "mse", "mask_rate": 0.5, "recon_target": "image"}
 
 
@@ -65,6 +64,10 @@ def _wide(summary: pd.DataFrame, labels: pd.DataFrame, gene_sets: list[str]) -> 
     wide = pd.DataFrame(rows)
     if wide.empty:
         return wide
+    for gs in gene_sets:  # a set no dataset has (e.g. no marker genes anywhere) is a column of NaN
+        for part in ("mean", "sd", "ci_low", "ci_high", "n_nan"):
+            if f"{gs}_{part}" not in wide.columns:
+                wide[f"{gs}_{part}"] = math.nan
     return wide.merge(labels.rename(columns={"label": "method", "method": "config_method"}), on="method", how="left")
 
 
@@ -79,7 +82,7 @@ def table1(summary: pd.DataFrame, labels: pd.DataFrame, ks: list[int]) -> pd.Dat
     paper = paper_table("table1_top50")
     for gs, column in zip(sets, ["HEG", "HVG", "marker"]):
         wide[f"{gs}_paper"] = [
-            _paper_lookup(paper, r.dataset, _paper_names(r, table=1), column) for r in wide.itertuples()]
+            _paper_lookup(paper, r.dataset, _paper_names(r), column) for r in wide.itertuples()]
         wide[f"{gs}_diff"] = wide[f"{gs}_mean"] - wide[f"{gs}_paper"]
     return _order(wide, sets)
 
@@ -101,6 +104,24 @@ def table2(summary: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
             names = [r.paper_name] if r.paper_name and same_k else []
             values.append(_paper_lookup(paper, r.dataset, names, column))
         wide[f"{gs}_paper"] = values
+        wide[f"{gs}_diff"] = wide[f"{gs}_mean"] - wide[f"{gs}_paper"]
+    return _order(wide, sets)
+
+
+def table4(summary: pd.DataFrame, labels: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Frozen foundation models (model `foundation`) vs CMRCNet at k neighbours (the paper: cTransPath vs
+    CMRCNet-500), top-50 HEG and HVG. Empty when the config has no foundation method."""
+    sets = ["HEG50", "HVG50"]
+    wide = _wide(summary[summary["protocol"] == "paper"], labels, sets)
+    if wide.empty or not (wide["model"] == "foundation").any():
+        return pd.DataFrame()
+    foundation = (wide["model"] == "foundation") & ~wide["tta"].astype(bool)
+    cmrcnet = (wide["model"] == "cmrcnet") & (wide["k"] == k) & ~wide["ablation"].astype(bool)
+    wide = wide[foundation | cmrcnet].copy()
+    paper = paper_table("table4_foundation")
+    for gs, column in zip(sets, ["HEG", "HVG"]):
+        wide[f"{gs}_paper"] = [
+            _paper_lookup(paper, r.dataset, _paper_names(r), column) for r in wide.itertuples()]
         wide[f"{gs}_diff"] = wide[f"{gs}_mean"] - wide[f"{gs}_paper"]
     return _order(wide, sets)
 
@@ -148,7 +169,7 @@ def hest_bench_table(summary: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFram
     return wide if wide.empty else _order(wide, gene_sets)
 
 
-def _paper_names(row, table: int) -> list[str]:
+def _paper_names(row) -> list[str]:
     if not row.paper_name:
         return []
     if pd.isna(row.k):
@@ -259,6 +280,9 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
                          f"{note}. Retrieval methods at k = {min(ks)} and {max(ks)}."),
         "table2_extended": (in_order(table2(summary, labels)), EXTENDED_SETS, "Table 2: top-150 and top-250 HEG and HVG",
                             f"{note}. The paper pairs top-150 with k = 250 and top-250 with k = 500."),
+        "table4_foundation": (in_order(table4(summary, labels, max(ks))), ["HEG50", "HVG50"],
+                              f"Table 4: frozen foundation model vs CMRCNet (k = {max(ks)})",
+                              f"{note}. Empty until the config has a method with `model: foundation`."),
         "table5_ablation": (in_order(table5(summary, labels, ablation_k)), MAIN_SETS,
                             f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)", note),
         "hest_bench": (in_order(hest_bench_table(summary, labels)), ["hest50"], "HEST-bench: 50 fixed genes",

@@ -10,6 +10,7 @@ Retrieval models add `embed_image` / `embed_expression`; regression models add `
 from cmrcnet.models.bleep import BLEEP
 from cmrcnet.models.cmrcnet import CMRCNet
 from cmrcnet.models.encoders import create_encoder
+from cmrcnet.models.foundation import FrozenEncoderRegression
 from cmrcnet.models.heads import ProjectionHead
 from cmrcnet.models.histogene import HisToGene
 from cmrcnet.models.losses import ReconstructionLoss, SoftContrastiveLoss
@@ -19,6 +20,7 @@ from cmrcnet.models.stnet import STNet
 __all__ = [
     "BLEEP",
     "CMRCNet",
+    "FrozenEncoderRegression",
     "HisToGene",
     "ProjectionHead",
     "ReconstructionLoss",
