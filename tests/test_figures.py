@@ -291,3 +291,41 @@ def test_training_curves(tmp_path):
     assert_figure_files(tmp_path / "curves")
     with pytest.raises(ValueError, match="history X: lacks column"):
         training_curves({"X": pd.DataFrame({"epoch": [1]})}, tmp_path / "bad")
+
+
+def test_pooled_predictions_align_every_method_to_the_truths_spots(tmp_path):
+    from test_evaluate import GENES, _truth, write_prediction
+
+    from cmrcnet.figures.paper import pooled_predictions
+
+    def shifted(t):
+        return t + 1.0
+
+    paths = [write_prediction(tmp_path / f"a/fold{f}.h5ad", method="a", fold=f, layers={"pred": shifted})
+             for f in range(2)]
+    # method b's file for fold 0 lists the same spots in reverse order
+    reverse = write_prediction(tmp_path / "b/fold0.h5ad", method="b", fold=0, layers={"k5": shifted},
+                               truth=_truth(0)[::-1].copy())
+    flipped = ad.read_h5ad(reverse)
+    flipped.obs_names = flipped.obs_names[::-1]
+    flipped.write_h5ad(reverse)
+    b1 = write_prediction(tmp_path / "b/fold1.h5ad", method="b", fold=1, layers={"k5": shifted})
+    truth, preds, obs, genes = pooled_predictions([*paths, reverse, b1], ["a", "b-k5"])
+    assert genes == GENES and truth.shape == (80, len(GENES)) and list(obs["sample"].unique()) == ["S1", "S2"]
+    np.testing.assert_allclose(preds["a"], truth + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(preds["b-k5"], truth + 1.0, rtol=1e-6)
+
+
+def test_pooled_predictions_refuse_a_method_missing_spots(tmp_path):
+    from test_evaluate import write_prediction
+
+    from cmrcnet.figures.paper import dataset_figures, pooled_predictions
+
+    a = [write_prediction(tmp_path / f"a/fold{f}.h5ad", method="a", fold=f, layers={"pred": lambda t: t})
+         for f in range(2)]
+    b = write_prediction(tmp_path / "b/fold0.h5ad", method="b", fold=0, layers={"pred": lambda t: t})
+    with pytest.raises(CMRCNetError, match="b does not predict every test spot"):
+        pooled_predictions([*a, b], ["a", "b"])
+    with pytest.raises(CMRCNetError, match="no method to draw"):
+        dataset_figures(dataset="d", prediction_paths=a, scores=None, gene_sets=None, labels=[], histories={},
+                        wsis={}, samples=[], out_dir=tmp_path)

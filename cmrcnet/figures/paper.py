@@ -86,6 +86,8 @@ def dataset_figures(*, dataset: str, prediction_paths: Sequence[str | Path], sco
     from cmrcnet.evaluation.metrics import top_genes
     from cmrcnet.figures import boxplots, correlation_heatmaps, mean_variance, read_thumbnail, spatial_maps, training_curves
 
+    if not labels:
+        raise input_error(dataset, "no method to draw: the figures show non-ablation methods only")
     out = Path(out_dir)
     truth, preds, obs, genes = pooled_predictions(prediction_paths, labels)
     written = []
