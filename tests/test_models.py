@@ -233,13 +233,15 @@ def test_vit_input_size_must_match():
 
 # --- STNet, HisToGene ----------------------------------------------------------------------------------
 
-def test_stnet_starts_at_mean_expression():
-    model = tiny("stnet").eval()
+@pytest.mark.parametrize("name", ["stnet", "histogene"])
+def test_regression_models_start_at_mean_expression(name):
+    model = tiny(name).eval()
     mean = torch.linspace(0.5, 2.0, G)
     model.set_output_bias(mean)
+    batch = slide_batch() if model.slide_level else spot_batch()
     with torch.no_grad():
-        pred = model.predict(spot_batch())
-    assert torch.equal(pred, mean.expand(4, G))
+        pred = model.predict(batch)
+    assert torch.equal(pred, mean.expand(*pred.shape))
     with pytest.raises(CMRCNetError, match="genes"):
         model.set_output_bias(torch.zeros(G + 1))
 

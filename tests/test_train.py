@@ -278,7 +278,15 @@ def test_real_models_train_and_resume_exactly(dataset_dir, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["cmrcnet", "bleep", "stnet", "histogene"])
 def test_real_models_learn_on_synthetic_slides(synthetic_dir, tmp_path, name):
+    from cmrcnet.data.datasets import load_fold
+
     summary = train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
                          train_cfg={"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None},
                          dataset_dir=synthetic_dir, fold=0, out_dir=tmp_path / "out", progress=False)
-    assert summary["best_val_loss"] < 0.85 * summary["first_val_loss"]
+    if name in ("stnet", "histogene"):  # MSE models start at the mean: beat the mean, not the first epoch
+        fold = load_fold(synthetic_dir, 0)
+        train, val = fold.split("spot", 0.1, 0)
+        mean_baseline = float(((fold.expression(val) - fold.expression(train).mean(0)) ** 2).mean())
+        assert summary["best_val_loss"] < 0.9 * mean_baseline, (summary["best_val_loss"], mean_baseline)
+    else:
+        assert summary["best_val_loss"] < 0.85 * summary["first_val_loss"]

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmrcnet.errors import input_error
 from cmrcnet.models.encoders import check_input_size, create_encoder
+from cmrcnet.models.heads import start_at_mean
 from cmrcnet.models.registry import register_model
 
 
@@ -31,14 +31,9 @@ class STNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    @torch.no_grad()
     def set_output_bias(self, mean_expression: torch.Tensor) -> None:
-        """Start predictions at the mean training expression (call before training)."""
-        mean_expression = torch.as_tensor(mean_expression).flatten()
-        if mean_expression.numel() != self.head.out_features:
-            raise input_error("mean_expression", f"{mean_expression.numel()} values for "
-                              f"{self.head.out_features} genes")
-        self.head.bias.copy_(mean_expression.to(self.head.bias))
+        """Start predictions at the mean training expression (the training loop calls this first)."""
+        start_at_mean(self.head, mean_expression)
 
     def predict(self, batch: dict) -> torch.Tensor:
         return self.head(self.image_encoder(batch["image"]))
