@@ -155,6 +155,7 @@ def test_tables_put_the_papers_value_and_difference_beside_ours(predictions, tmp
                                             marker_genes=["G3", "G7"], top_genes=[50, 150, 250])
     paper_tables, plain = build_tables(scores, sets, labels, CONFIG, n_boot=100, seed=0)
     t1 = paper_tables["table1_top50"][0].set_index("method")
+    assert list(t1.index) == ["stnet", "stnet-tta", "bleep-k5", "bleep-k10"]  # config order, then k
     # the paper's IDC-LymphNode STNet row: HEG 0.2067; ours is a perfect prediction (r = 1)
     assert t1.loc["stnet", "HEG50_paper"] == pytest.approx(0.2067)
     assert t1.loc["stnet", "HEG50_diff"] == pytest.approx(1.0 - 0.2067)

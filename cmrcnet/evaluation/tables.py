@@ -265,7 +265,10 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
     ablation_k = 50 if 50 in ks else ks[0]
     note = "mean ± sd over folds; in brackets the paper's value and our difference"
     dataset_rank = {d: i for i, d in enumerate(config.get("datasets", {}))}
-    label_rank = {label: i for i, label in enumerate(labels["label"])}  # config order of methods, then k
+    method_rank = {m: i for i, m in enumerate(config["methods"])}
+    ordered = labels.assign(_m=labels["method"].map(method_rank), _k=labels["k"].fillna(-1),
+                            _t=labels["tta"].astype(int)).sort_values(["_m", "_k", "_t"], kind="stable")
+    label_rank = {label: i for i, label in enumerate(ordered["label"])}  # config order of methods, then k
 
     def in_order(table: pd.DataFrame) -> pd.DataFrame:
         if table.empty:
