@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from cmrcnet.config import (check_config, datasets_by_source, methods_for, planned_folds, run_fingerprint,
                             validate_schema)
 from cmrcnet.errors import CMRCNetError
+from cmrcnet.evaluation.tables import MARKDOWN_TABLES
 
 # Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
 CONFIG_NAME = ", ".join(map(str, workflow.config_settings.configfiles)) or "config"
@@ -77,8 +78,7 @@ FIGURE_NAMES = ["fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig
                 "training_curves"]
 TABLES = f"{RESULTS}/tables"
 # written beside the captioned CSVs: Markdown versions, NaN counts, the label key and provenance
-TABLE_EXTRAS = [f"{t}.md" for t in ("table1_top50", "table2_extended", "table3_best_genes", "table4_foundation",
-                                     "table5_ablation", "hest_bench")] + ["nan_counts.csv", "labels.csv", "provenance.json"]
+TABLE_EXTRAS = [f"{t}.md" for t in MARKDOWN_TABLES] + ["nan_counts.csv", "labels.csv", "provenance.json"]
 
 
 def method_settings(method):

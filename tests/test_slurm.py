@@ -26,6 +26,7 @@ import yaml
 
 from cmrcnet.config import REPO_ROOT
 from tests.slurm_cluster import OneNodeSlurm, cannot_run, install
+from tests.test_pipeline import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +35,11 @@ SNAKEMAKE = [str(BIN / "snakemake")] if (BIN / "snakemake").exists() else [sys.e
 SLURM_TIMEOUT_S = 420  # the whole SLURM run takes about two minutes on two cores
 GPU_RULES = {"train", "predict"}
 
-# Two tiny synthetic datasets, two methods; every training job asks for one GPU.
+# The pipeline test's two tiny synthetic datasets, two methods; every training job asks for one GPU.
 CONFIG = {
     "seed": 0,
-    "genes": {"n_top_hvg": 100},
-    "datasets": {
-        "tiny-visium": {
-            "source": "synthetic", "technology": "visium", "samples": ["V1", "V2", "V3"],
-            "marker_genes": ["EPCAM", "RND"],
-            "synthetic": {"seed": 5, "width_um": 700, "height_um": 700, "n_genes": 300},
-        },
-        "tiny-xenium": {
-            "source": "synthetic", "technology": "xenium", "samples": ["X1", "X2", "X3"],
-            "folds_scheme": "leave_one_patient_out",
-            "synthetic": {"seed": 6, "width_um": 600, "height_um": 600, "n_panel_genes": 120},
-            "patients": {"X1": "PA", "X2": "PA", "X3": "PB"},
-        },
-    },
+    "genes": TINY["genes"],
+    "datasets": TINY["datasets"],
     "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 3, "num_workers": 0, "amp": False},
     "resources": {
         "train": {"gpus": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10},

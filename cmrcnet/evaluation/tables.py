@@ -224,6 +224,9 @@ def write_tables(out_dir: str | Path, tables: dict[str, tuple[pd.DataFrame, list
     return written
 
 
+# Every table written as CSV + Markdown (the tables rule lists these as outputs)
+MARKDOWN_TABLES = ("table1_top50", "table2_extended", "table3_best_genes", "table4_foundation", "table5_ablation",
+                   "hest_bench")
 MAIN_SETS = ["HEG50", "HVG50", "marker"]
 EXTENDED_SETS = ["HEG150", "HVG150", "HEG250", "HVG250"]
 

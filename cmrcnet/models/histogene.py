@@ -44,8 +44,8 @@ class HisToGene(nn.Module):
 
     def set_output_bias(self, mean_expression: torch.Tensor) -> None:
         """Start predictions at the mean training expression (the training loop calls this first). Not in the
-        original HisToGene; with one optimiser step per slide there are few steps, and on the demo this start
-        lifts the mean r reached within the first 120 steps from 0.06 to 0.11."""
+        original HisToGene: with one optimiser step per slide there are few steps, and without this start the
+        demo's HisToGene predicted little beyond the mean (docs/benchmarks.md, "Demo results")."""
         start_at_mean(self.head[-1], mean_expression)
 
     def _check_pos(self, pos: torch.Tensor, n_spots: int) -> None:
