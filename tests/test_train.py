@@ -207,6 +207,10 @@ def test_bad_settings_name_the_key(dataset_dir, tmp_path, built):
         run(dataset_dir, tmp_path / "out", model="unet")
     with pytest.raises(CMRCNetError, match=r"optimizer"):
         run(dataset_dir, tmp_path / "out", optimizer="Lion")
+    with pytest.raises(CMRCNetError, match=r"train\.shuffle_pairs: .*spot-level models only"):
+        run(dataset_dir, tmp_path / "slide", model="histogene", shuffle_pairs=True)
+    with pytest.raises(CMRCNetError, match=r"shuffle_pairs: invalid value 'yes'"):
+        run(dataset_dir, tmp_path / "out", shuffle_pairs="yes")
 
 
 @pytest.fixture(scope="module")
