@@ -26,6 +26,7 @@ test: $(STAMP)  ## the test suite (what CI runs)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cmrcnet scripts tests bench
+	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint
 
 clean:

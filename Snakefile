@@ -17,6 +17,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/patches.smk"
+include: "rules/weights.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
@@ -24,6 +25,6 @@ include: "rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -40,6 +40,14 @@ def _fetch(args) -> None:
         print(f"{sample}: fetched into {args.root}")
 
 
+def _fetch_weights(args) -> None:
+    from cmrcnet.weights import fetch_weights
+
+    for name in args.names:
+        path = fetch_weights(name, Path(args.dir) / name, revision=args.revision)
+        print(f"{name}: {path} (checksum in {path.parent / 'SOURCE.json'})")
+
+
 def _link(args) -> None:
     from cmrcnet.data.hest import link_local_sample
 
@@ -54,7 +62,8 @@ def _select_genes(args) -> None:
     st = {Path(p).stem: p for p in args.st}
     table = select_genes(
         st, args.out, method=args.method, dataset=args.dataset, n_top_hvg=args.n_top_hvg,
-        control_probe_patterns=args.control_patterns, marker_genes=args.markers,
+        control_probe_patterns=args.control_patterns, marker_genes=args.markers, panel_controls=args.panel_controls,
+        paper_n_genes=args.paper_n_genes,
     )
     print(f"{args.out}: {len(table)} genes")
 
@@ -63,7 +72,7 @@ def _normalise(args) -> None:
     from cmrcnet.data.genes import normalise_sample
 
     adata = normalise_sample(args.st, args.genes, args.out, sample=Path(args.st).stem, dataset=args.dataset,
-                             target_sum=args.target_sum)
+                             target_sum=args.target_sum, spots=args.spots)
     print(f"{args.out}: {adata.n_obs} spots x {adata.n_vars} genes")
 
 
@@ -79,7 +88,7 @@ def _patches(args) -> None:
 
     summary = extract_patches(
         args.wsi, args.st, args.metadata, args.out_h5, args.out_spots, sample=Path(args.st).stem,
-        patch_px=args.size_px, um_per_px=args.um_per_px, off_slide=args.off_slide,
+        patch_px=args.size_px, um_per_px=args.um_per_px, off_slide=args.off_slide, spots=args.spots,
     )
     print(json.dumps(summary, default=str))
 
@@ -99,12 +108,13 @@ def _config_for_run(args) -> dict:
 
 
 def _train(args) -> None:
+    from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
 
     config = _config_for_run(args)
     dataset_dir = Path(args.processed_dir or config["processed_dir"]) / args.dataset
     out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}")
-    summary = train_fold(method=args.method, method_cfg=config["methods"][args.method], train_cfg=config["train"],
+    summary = train_fold(method=args.method, method_cfg=training_method_cfg(config, args.method), train_cfg=config["train"],
                          dataset_dir=dataset_dir, fold=args.fold, out_dir=out_dir, seed=config["seed"],
                          device=args.device)
     print(json.dumps(summary, default=str))
@@ -113,6 +123,7 @@ def _train(args) -> None:
 def _predict(args) -> None:
     from cmrcnet.config import run_fingerprint
     from cmrcnet.inference.predict import predict_fold
+    from cmrcnet.recipes import effective_method
 
     config = _config_for_run(args)
     ev = config["evaluation"]
@@ -121,7 +132,8 @@ def _predict(args) -> None:
     out = Path(args.out or default_out)
     info = predict_fold(model_path=args.model or run_dir / "best.pt",
                         dataset_dir=Path(args.processed_dir or config["processed_dir"]) / args.dataset, fold=args.fold,
-                        out_path=out, method=args.method, ks=ev["k"], weighted=ev["weighted"], tta=ev["tta"],
+                        out_path=out, method=args.method, ks=ev["k"], weighted=ev["weighted"],
+                        tta=effective_method(config, args.method)["tta"],
                         batch_size=ev["batch_size"], device=args.device,
                         fingerprint=run_fingerprint(config, args.dataset, args.method))
     print(json.dumps({**info, "out": str(out)}, default=str))
@@ -160,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extras", nargs="*", default=[])
     p.set_defaults(func=_fetch)
 
+    p = sub.add_parser("fetch-weights", help="download timm ImageNet weights (e.g. resnet50.a1_in1k) once, with checksum")
+    p.add_argument("names", nargs="+", help="timm weight names, architecture.tag")
+    p.add_argument("--dir", default="weights", help="weights go to DIR/NAME/model.safetensors + SOURCE.json")
+    p.add_argument("--revision", help="hub commit or tag (default main)")
+    p.set_defaults(func=_fetch_weights)
+
     p = sub.add_parser("link", help="validate samples of a local HEST-layout folder and symlink them")
     p.add_argument("source")
     p.add_argument("root")
@@ -174,14 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-hvg", type=int, default=defaults["n_top_hvg"])
     p.add_argument("--markers", nargs="*", default=[])
     p.add_argument("--control-patterns", nargs="*", default=defaults["control_probe_patterns"])
+    p.add_argument("--panel-controls", choices=["drop", "keep"], default="drop",
+                   help="panel: drop the control probes (default) or keep them as genes")
+    p.add_argument("--paper-n-genes", type=int, help="warn when the number of genes selected differs")
     p.set_defaults(func=_select_genes)
 
-    p = sub.add_parser("normalise", help="in-tissue spots, the gene set, normalize_total + log1p")
+    p = sub.add_parser("normalise", help="in-tissue (or all) spots, normalize_total + log1p, then the gene set")
     p.add_argument("st")
     p.add_argument("genes")
     p.add_argument("out")
     p.add_argument("--dataset", default="dataset")
     p.add_argument("--target-sum", type=float)
+    p.add_argument("--spots", choices=["in_tissue", "all"], default="in_tissue")
     p.set_defaults(func=_normalise)
 
     p = sub.add_parser("folds", help="cross-validation folds from the samples' metadata JSON")
@@ -201,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-px", type=int, default=224)
     p.add_argument("--um-per-px", type=float, default=0.5)
     p.add_argument("--off-slide", choices=["pad", "drop"], default="pad")
+    p.add_argument("--spots", choices=["in_tissue", "all"], default="in_tissue")
     p.set_defaults(func=_patches)
 
     p = sub.add_parser("train", help="train one method on one fold (resumes from its last checkpoint)")

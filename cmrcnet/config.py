@@ -61,7 +61,8 @@ def validate_schema(config: Any, where: str | Path = "config", schema_path: str 
 def check_config(config: dict, where: str | Path = "config") -> dict:
     """Cross-field rules: unique samples, enough samples for cross-validation, source-specific keys.
 
-    Fills derived defaults (gene selection by technology, per-dataset fold scheme) in place.
+    Fills derived defaults (gene selection by technology, per-dataset fold scheme, spot set and control-probe
+    patterns) in place.
     """
     seen: dict[str, str] = {}
     for name, ds in config["datasets"].items():
@@ -84,11 +85,17 @@ def check_config(config: dict, where: str | Path = "config") -> dict:
             raise input_error(where, f"{key}.patients: unknown samples {', '.join(unknown)}")
         ds.setdefault("gene_selection", DEFAULT_GENE_SELECTION[ds["technology"]])
         ds.setdefault("folds_scheme", config["folds"]["scheme"])
+        ds.setdefault("spots", config["spots"])
+        ds.setdefault("control_probe_patterns", list(config["genes"]["control_probe_patterns"]))
     for name, method in config.get("methods", {}).items():
         unknown = sorted(set(method.get("datasets") or []) - set(config["datasets"]))
         if unknown:
             raise input_error(where, f"methods.{name}.datasets: unknown datasets {', '.join(unknown)}; "
                                      f"known: {', '.join(config['datasets'])}")
+        if method.get("recipe", "paper") != "paper":  # a recipe that needs weights must name fetchable ones
+            from cmrcnet.recipes import effective_method
+
+            effective_method(config, name, where=where)
     return config
 
 
@@ -153,7 +160,8 @@ def run_fingerprint(config: dict, dataset: str, method: str) -> str:
 
     relevant = {s: config.get(s) for s in FINGERPRINT_SECTIONS}
     relevant["evaluation"] = {k: config.get("evaluation", {}).get(k) for k in PREDICTION_SETTINGS}
-    relevant["dataset"] = {k: v for k, v in dataset_config(config, dataset).items() if k != "figure_gene"}
+    relevant["dataset"] = {k: v for k, v in dataset_config(config, dataset).items()
+                           if k not in ("figure_gene", "paper_n_genes")}
     relevant["method"] = {k: v for k, v in config["methods"][method].items()
                           if k not in ("paper_name", "ablation", "datasets")}
     text = json.dumps(relevant, sort_keys=True, default=str)

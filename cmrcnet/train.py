@@ -45,8 +45,13 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "max_steps_per_epoch": None,
     "grad_clip": None,
     "shuffle_pairs": False,
+    "schedule": "cosine",
+    "min_lr": 1e-5,
+    "warmup_epochs": 0,
 }
+SCHEDULES = ("constant", "cosine")
 # Settings that change speed or length, not the path a run takes: a checkpoint may be resumed with other values.
+# (`epochs` shapes the path under a cosine schedule or a warm-up, and is then fingerprinted.)
 NOT_FINGERPRINTED = ("num_workers", "epochs")
 
 
@@ -75,6 +80,9 @@ def resolve_train_cfg(train_cfg: dict | None, method_cfg: dict, method: str) -> 
         "max_steps_per_epoch": cfg["max_steps_per_epoch"] is None or cfg["max_steps_per_epoch"] >= 1,
         "grad_clip": cfg["grad_clip"] is None or cfg["grad_clip"] > 0,
         "shuffle_pairs": isinstance(cfg["shuffle_pairs"], bool),
+        "schedule": cfg["schedule"] in SCHEDULES,
+        "min_lr": isinstance(cfg["min_lr"], (int, float)) and cfg["min_lr"] >= 0,
+        "warmup_epochs": isinstance(cfg["warmup_epochs"], int) and 0 <= cfg["warmup_epochs"] < cfg["epochs"],
     }
     for key, ok in checks.items():
         if not ok:
@@ -82,12 +90,32 @@ def resolve_train_cfg(train_cfg: dict | None, method_cfg: dict, method: str) -> 
     return cfg
 
 
+def lr_factor(epoch: int, cfg: dict) -> float:
+    """Learning rate of 0-based epoch `epoch` as a multiple of `cfg["lr"]`.
+
+    "constant": the base rate throughout. "cosine" (the authors' code; the paper states only lr 1e-4): after
+    `warmup_epochs` of linear warm-up, cosine decay from the base rate towards `min_lr` over the planned epochs,
+    as torch's CosineAnnealingLR(T_max=epochs - warmup_epochs, eta_min=min_lr) stepped once per epoch.
+    A pure function of the epoch, so a resumed run takes the same rates as an uninterrupted one."""
+    warmup = cfg["warmup_epochs"]
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    if cfg["schedule"] == "constant" or cfg["lr"] <= 0:
+        return 1.0
+    base = float(cfg["lr"])
+    low = min(float(cfg["min_lr"]), base)
+    t = (epoch - warmup) / max(cfg["epochs"] - warmup, 1)
+    return (low + (base - low) * (1 + math.cos(math.pi * t)) / 2) / base
+
+
 def fingerprint(model: str, params: dict, cfg: dict, genes: list[str], fold: int, seed: int) -> dict:
     """What a checkpoint must match to be resumed: everything that changes the weights an epoch produces."""
+    fixed_length = cfg["schedule"] == "constant" and not cfg["warmup_epochs"]
+    skip = NOT_FINGERPRINTED if fixed_length else tuple(k for k in NOT_FINGERPRINTED if k != "epochs")
     fp = {
         "model": model,
         "params": params,
-        "train": {k: v for k, v in cfg.items() if k not in NOT_FINGERPRINTED},
+        "train": {k: v for k, v in cfg.items() if k not in skip},
         "genes": list(genes),
         "fold": int(fold),
         "seed": int(seed),
@@ -288,6 +316,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
     # frozen parts (a foundation model's encoder) are left out, so weight decay never touches them
     optimizer = opt_class([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                           weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg))
 
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "bad_epochs": 0,
                              "history": [], "stopped_early": False}
@@ -304,6 +333,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             raise input_error(last_pt, f"checkpoint has {ckpt['epoch']} epochs, more than epochs={cfg['epochs']}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         state = {k: ckpt[k] for k in state}
         log.info("%s fold %d: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
@@ -331,6 +361,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         row.update({"lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - tic, 3)})
         state["history"].append(row)
         state["epoch"] = epoch
+        scheduler.step()
 
         if row["val_loss"] < state["best_val_loss"]:
             state.update(best_val_loss=row["val_loss"], best_epoch=epoch, bad_epochs=0)
@@ -342,6 +373,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
                 state["stopped_early"] = True
         write_table(out_dir / "history.csv", _history_table(state["history"]))
         _save({"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+               "scheduler": scheduler.state_dict(),
                "fingerprint": fp, "fingerprint_hash": _fingerprint_hash(fp), **state}, last_pt)
         log.info("%s fold %d epoch %d: train loss %.4f, val loss %.4f%s (%.1f s)", method, fold, epoch,
                  row["train_loss"], row["val_loss"], " *" if state["best_epoch"] == epoch else "", row["seconds"])

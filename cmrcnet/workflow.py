@@ -5,10 +5,13 @@ Kept here (not in scripts/) so that the CLI, the scripts and the tests share one
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from cmrcnet.io import provenance
 from cmrcnet.logs import exit_on_input_error, setup_logging
+
+log = logging.getLogger("cmrcnet")
 
 
 def _dataset_provenance(smk, *sections: str) -> dict:
@@ -40,6 +43,12 @@ def fetch_hest(smk) -> None:
     )
 
 
+def fetch_weights(smk) -> None:
+    from cmrcnet.weights import fetch_weights as fetch
+
+    fetch(smk.wildcards.name, Path(smk.output.weights).parent, revision=smk.params.revision)
+
+
 def link_local(smk) -> None:
     from cmrcnet.data.hest import link_local_sample
 
@@ -55,8 +64,8 @@ def select_genes(smk) -> None:
     select(
         dict(zip(ds["samples"], smk.input.st)), smk.output[0], method=ds["gene_selection"],
         dataset=smk.wildcards.dataset, n_top_hvg=genes["n_top_hvg"], hvg_flavor=genes["hvg_flavor"],
-        min_spots=genes["min_spots"], control_probe_patterns=genes["control_probe_patterns"],
-        marker_genes=ds["marker_genes"],
+        min_spots=genes["min_spots"], control_probe_patterns=ds["control_probe_patterns"],
+        marker_genes=ds["marker_genes"], panel_controls=ds["panel_controls"], paper_n_genes=ds["paper_n_genes"],
     )
 
 
@@ -65,7 +74,8 @@ def normalise(smk) -> None:
 
     normalise_sample(
         smk.input.st, smk.input.genes, smk.output[0], sample=smk.wildcards.sample, dataset=smk.wildcards.dataset,
-        target_sum=smk.config["normalise"]["target_sum"], provenance_info=_dataset_provenance(smk, "genes", "normalise"),
+        target_sum=smk.config["normalise"]["target_sum"], spots=smk.config["datasets"][smk.wildcards.dataset]["spots"],
+        provenance_info=_dataset_provenance(smk, "genes", "normalise"),
     )
 
 
@@ -86,19 +96,21 @@ def extract_patches(smk) -> None:
     extract(
         smk.input.wsi, smk.input.st, smk.input.metadata, smk.output.h5, smk.output.spots,
         sample=smk.wildcards.sample, patch_px=p["size_px"], um_per_px=p["um_per_px"], off_slide=p["off_slide"],
-        fill=p["fill"], provenance_info=_dataset_provenance(smk, "patches"),
+        fill=p["fill"], spots=smk.config["datasets"][smk.wildcards.dataset]["spots"],
+        provenance_info=_dataset_provenance(smk, "patches"),
     )
 
 
 def train(smk) -> None:
     import torch
 
+    from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
 
     torch.set_num_threads(max(1, int(smk.threads)))
     method = smk.wildcards.method
     train_fold(
-        method=method, method_cfg=smk.config["methods"][method], train_cfg=smk.config["train"],
+        method=method, method_cfg=training_method_cfg(smk.config, method), train_cfg=smk.config["train"],
         dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold), out_dir=Path(smk.output.model).parent,
         seed=smk.config["seed"],
     )
@@ -108,12 +120,14 @@ def predict(smk) -> None:
     import torch
 
     from cmrcnet.inference.predict import predict_fold
+    from cmrcnet.recipes import effective_method
 
     torch.set_num_threads(max(1, int(smk.threads)))
     ev = smk.config["evaluation"]
+    tta = effective_method(smk.config, smk.wildcards.method)["tta"]  # evaluation.tta, or STNet's original recipe
     predict_fold(
         model_path=smk.input.model, dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold),
-        out_path=smk.output[0], method=smk.wildcards.method, ks=ev["k"], weighted=ev["weighted"], tta=ev["tta"],
+        out_path=smk.output[0], method=smk.wildcards.method, ks=ev["k"], weighted=ev["weighted"], tta=tta,
         batch_size=ev["batch_size"], fingerprint=smk.params.fingerprint,
     )
 
@@ -129,13 +143,14 @@ def evaluate(smk) -> None:
         hest_bench_n=ev["hest_bench_genes"], hest_bench_min_fraction=ev["hest_bench_min_fraction"],
         fingerprints=smk.params.fingerprints,
     )
-    write_evaluation(smk.output, scores, gene_sets, labels, _dataset_provenance(smk, "evaluation"))
+    write_evaluation(smk.output, scores, gene_sets, labels,
+                     {**_dataset_provenance(smk, "evaluation"), "undefined_r": ev["undefined_r"]})
 
 
 def tables(smk) -> None:
     import pandas as pd
 
-    from cmrcnet.evaluation.tables import best_genes_markdown, build_tables, write_tables
+    from cmrcnet.evaluation.tables import best_genes_markdown, build_tables, gene_counts, write_tables
     from cmrcnet.io import atomic_path, write_json, write_table
 
     scores = pd.concat([pd.read_parquet(p) for p in smk.input.scores], ignore_index=True)
@@ -149,7 +164,12 @@ def tables(smk) -> None:
         write_table(out_dir / f"{name}.csv", frame)
     with atomic_path(out_dir / "table3_best_genes.md") as tmp:
         tmp.write_text(best_genes_markdown(plain["table3_best_genes"]))
-    write_json(out_dir / "provenance.json", provenance(smk.config, rule=smk.rule))
+    counts = gene_counts(dict(zip(smk.config["datasets"], smk.input.genes)), smk.config)
+    for row in counts:
+        log.info("%s: %d genes selected, the paper: %s", row["dataset"], row["n_genes"],
+                 "not given" if row["paper_n_genes"] is None else row["paper_n_genes"])
+    write_json(out_dir / "provenance.json", provenance(smk.config, rule=smk.rule, gene_counts=counts,
+                                                       undefined_r=smk.config["evaluation"]["undefined_r"]))
 
 
 def figures(smk) -> None:

@@ -7,10 +7,18 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate
 
-from cmrcnet.config import (check_config, datasets_by_source, methods_for, planned_folds, run_fingerprint,
-                            validate_schema)
+from cmrcnet.config import (
+    check_config,
+    datasets_by_source,
+    methods_for,
+    planned_folds,
+    run_fingerprint,
+    validate_schema,
+)
 from cmrcnet.errors import CMRCNetError
 from cmrcnet.evaluation.tables import MARKDOWN_TABLES
+from cmrcnet.recipes import effective_method
+from cmrcnet.weights import SOURCE_FILE, weights_file
 
 # Our validator first for a one-line message naming the file and key; Snakemake's then fills the same defaults.
 CONFIG_NAME = ", ".join(map(str, workflow.config_settings.configfiles)) or "config"
@@ -20,6 +28,10 @@ try:
     check_config(config, where=CONFIG_NAME)
     # fold ids are planned from the config alone, so training jobs exist before any data does
     FOLD_IDS = {ds: planned_folds(config, ds) for ds in config["datasets"]}
+    # each method's settings with its recipe applied (pretrained weights, optimiser, test-time averaging)
+    RECIPES = {
+        m: effective_method(config, m, where=CONFIG_NAME) for m in config["methods"]
+    }
 except CMRCNetError as err:  # one line, not a traceback, for a config mistake
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(1)
@@ -29,6 +41,7 @@ PROC = config["processed_dir"]
 LOGS = config["log_dir"]
 MODELS = config["models_dir"]
 RESULTS = config["results_dir"]
+WEIGHTS = config["weights"]["dir"]
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
 TRAIN_RESOURCES = config["resources"]["train"]
@@ -69,24 +82,48 @@ RUN = f"{MODELS}/{{dataset}}/{{method}}/fold{{fold}}"
 MODEL = f"{RUN}/best.pt"
 HISTORY = f"{RUN}/history.csv"
 TRAIN_SUMMARY = f"{RUN}/train.json"
+WEIGHTS_FILE = weights_file(WEIGHTS, "{name}")
+WEIGHTS_SOURCE = f"{WEIGHTS}/{{name}}/{SOURCE_FILE}"
+WEIGHT_NAMES = sorted({r["weights"] for r in RECIPES.values() if r["weights"]})
 PREDICTIONS = f"{RESULTS}/{{dataset}}/predictions/{{method}}/fold{{fold}}.h5ad"
 SCORES = f"{RESULTS}/{{dataset}}/evaluation/scores.parquet"
 GENE_SET_TABLE = f"{RESULTS}/{{dataset}}/evaluation/gene_sets.parquet"
 LABELS = f"{RESULTS}/{{dataset}}/evaluation/labels.tsv"
 FIGURES = f"{RESULTS}/{{dataset}}/figures"
-FIGURE_NAMES = ["fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig4_heatmaps_hvg", "fig5_spatial",
-                "training_curves"]
+FIGURE_NAMES = [
+    "fig2_boxplots",
+    "fig3_mean_variance",
+    "fig4_heatmaps_heg",
+    "fig4_heatmaps_hvg",
+    "fig5_spatial",
+    "training_curves",
+]
 TABLES = f"{RESULTS}/tables"
 # written beside the captioned CSVs: Markdown versions, NaN counts, the label key and provenance
-TABLE_EXTRAS = [f"{t}.md" for t in MARKDOWN_TABLES] + ["nan_counts.csv", "labels.csv", "provenance.json"]
+TABLE_EXTRAS = [f"{t}.md" for t in MARKDOWN_TABLES] + [
+    "nan_counts.csv",
+    "labels.csv",
+    "provenance.json",
+]
 
 
 def method_settings(method):
-    """Everything that defines a method's training run, as one string (a Snakemake param)."""
-    m = config["methods"][method]
-    settings = {"model": m["model"], "params": m["params"], "method_train": m["train"], "train": config["train"],
-                "seed": config["seed"]}
+    """Everything that defines a method's training run, its recipe applied, as one string (a Snakemake param)."""
+    r = RECIPES[method]
+    settings = {
+        "model": r["model"],
+        "params": r["params"],
+        "method_train": r["train"],
+        "train": config["train"],
+        "seed": config["seed"],
+    }
     return json.dumps(settings, sort_keys=True)
+
+
+def method_weights(wildcards):
+    """The pretrained weight file a method's recipe loads (none for most), made by rule fetch_weights."""
+    r = RECIPES[wildcards.method]
+    return [r["params"]["pretrained_path"]] if r["weights"] else []
 
 
 def training_runs(dataset):
@@ -96,17 +133,26 @@ def training_runs(dataset):
 
 def fingerprints(dataset):
     """{method: hash of the config entries that shape its predictions}; see cmrcnet.config.run_fingerprint."""
-    return {m: run_fingerprint(config, dataset, m) for m in methods_for(config, dataset)}
+    return {
+        m: run_fingerprint(config, dataset, m) for m in methods_for(config, dataset)
+    }
 
 
 def figure_methods(dataset):
     """The methods a dataset's figures show: all but the ablation variants."""
-    return [m for m in methods_for(config, dataset) if not config["methods"][m]["ablation"]]
+    return [
+        m for m in methods_for(config, dataset) if not config["methods"][m]["ablation"]
+    ]
 
 
 def figure_output(name, caption):
     """A figure's PNG as a report item, captioned by report/{caption}.rst, grouped by dataset."""
-    return report(f"{FIGURES}/{name}.png", caption=f"../report/{caption}.rst", category="Figures", subcategory="{dataset}")
+    return report(
+        f"{FIGURES}/{name}.png",
+        caption=f"../report/{caption}.rst",
+        category="Figures",
+        subcategory="{dataset}",
+    )
 
 
 def all_targets():
@@ -116,8 +162,17 @@ def all_targets():
         targets += [GENES.format(dataset=ds), FOLDS.format(dataset=ds)]
         for pattern in (NORMALISED, PATCHES, SPOTS):
             targets += expand(pattern, dataset=ds, sample=samples(ds))
-        targets += [MODEL.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)]
-        targets += [PREDICTIONS.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)]
-        targets += [f"{FIGURES.format(dataset=ds)}/{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")]
+        targets += [
+            MODEL.format(dataset=ds, method=m, fold=f) for m, f in training_runs(ds)
+        ]
+        targets += [
+            PREDICTIONS.format(dataset=ds, method=m, fold=f)
+            for m, f in training_runs(ds)
+        ]
+        targets += [
+            f"{FIGURES.format(dataset=ds)}/{name}.{ext}"
+            for name in FIGURE_NAMES
+            for ext in ("png", "pdf")
+        ]
     targets += [f"{TABLES}/summary.csv"]
     return targets

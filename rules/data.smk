@@ -6,14 +6,14 @@ rule synthesize:
         st=RAW_ST,
         wsi=RAW_WSI,
         metadata=RAW_META,
-    params:
-        root=f"{DATA}/{{dataset}}",
     log:
         f"{LOGS}/synthesize/{{dataset}}/{{sample}}.log",
     wildcard_constraints:
         dataset=one_of(datasets_by_source(config, "synthetic")),
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        root=f"{DATA}/{{dataset}}",
     script:
         "../scripts/synthesize.py"
 
@@ -23,17 +23,17 @@ rule fetch_hest:
         st=RAW_ST,
         wsi=RAW_WSI,
         metadata=RAW_META,
-    params:
-        root=f"{DATA}/{{dataset}}",
     log:
         f"{LOGS}/fetch_hest/{{dataset}}/{{sample}}.log",
     wildcard_constraints:
         dataset=one_of(datasets_by_source(config, "hest")),
-    resources:
-        hest_downloads=1,
     retries: 2
     conda:
         "../envs/cmrcnet.yaml"
+    resources:
+        hest_downloads=1,
+    params:
+        root=f"{DATA}/{{dataset}}",
     script:
         "../scripts/fetch_hest.py"
 
@@ -43,13 +43,13 @@ rule link_local:
         st=RAW_ST,
         wsi=RAW_WSI,
         metadata=RAW_META,
-    params:
-        root=f"{DATA}/{{dataset}}",
     log:
         f"{LOGS}/link_local/{{dataset}}/{{sample}}.log",
     wildcard_constraints:
         dataset=one_of(datasets_by_source(config, "local")),
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        root=f"{DATA}/{{dataset}}",
     script:
         "../scripts/link_local.py"

@@ -13,5 +13,13 @@ rule extract_patches:
         f"{LOGS}/extract_patches/{{dataset}}/{{sample}}.log",
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        settings=lambda w: json.dumps(
+            {
+                "patches": config["patches"],
+                "spots": config["datasets"][w.dataset]["spots"],
+            },
+            sort_keys=True,
+        ),
     script:
         "../scripts/extract_patches.py"

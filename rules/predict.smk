@@ -8,19 +8,20 @@ rule predict:
         folds=FOLDS,
         st=lambda w: expand(NORMALISED, dataset=w.dataset, sample=samples(w.dataset)),
         patches=lambda w: expand(PATCHES, dataset=w.dataset, sample=samples(w.dataset)),
+        weights=method_weights,  # the model is rebuilt with its pretrained_path before its weights are loaded
     output:
         PREDICTIONS,
-    params:
-        fingerprint=lambda w: run_fingerprint(config, w.dataset, w.method),
     log:
         f"{LOGS}/predict/{{dataset}}/{{method}}/fold{{fold}}.log",
+    conda:
+        "../envs/cmrcnet.yaml"
     threads: PREDICT_RESOURCES["cpus"]
     resources:
         gpu=PREDICT_RESOURCES["gpus"],
         mem_mb=PREDICT_RESOURCES["mem_mb"],
         runtime=PREDICT_RESOURCES["runtime"],
         cpus_per_task=PREDICT_RESOURCES["cpus"],
-    conda:
-        "../envs/cmrcnet.yaml"
+    params:
+        fingerprint=lambda w: run_fingerprint(config, w.dataset, w.method),
     script:
         "../scripts/predict.py"

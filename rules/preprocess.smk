@@ -10,6 +10,23 @@ rule select_genes:
         f"{LOGS}/select_genes/{{dataset}}.log",
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        # a change of any of these redoes the selection (paper_n_genes only adds a log line: not listed)
+        settings=lambda w: json.dumps(
+            {
+                "genes": config["genes"],
+                **{
+                    k: config["datasets"][w.dataset].get(k)
+                    for k in (
+                        "gene_selection",
+                        "marker_genes",
+                        "panel_controls",
+                        "control_probe_patterns",
+                    )
+                },
+            },
+            sort_keys=True,
+        ),
     script:
         "../scripts/select_genes.py"
 
@@ -24,6 +41,14 @@ rule normalise:
         f"{LOGS}/normalise/{{dataset}}/{{sample}}.log",
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        settings=lambda w: json.dumps(
+            {
+                "normalise": config["normalise"],
+                "spots": config["datasets"][w.dataset]["spots"],
+            },
+            sort_keys=True,
+        ),
     script:
         "../scripts/normalise.py"
 

@@ -1,4 +1,4 @@
-"""A fake Hugging Face hub: a local folder served over HTTP as one dataset repo.
+"""A fake Hugging Face hub: a local folder served over HTTP as one dataset (or model) repo.
 
 Why: the real hub is unreachable in tests, and a mock that returns nothing would not exercise
 huggingface_hub's own download path. This server answers the endpoints `snapshot_download` calls for a
@@ -8,6 +8,11 @@ ETag, Content-Length) and no Xet headers, so files travel over plain HTTP.
 Access mimics a gated repo: repo info and the file list are public; file contents need a token that has
 accepted the terms (401 without a token, 403 GatedRepo with a token that has not accepted them). A token
 the hub does not know gets 401 "Invalid credentials" everywhere.
+
+As a model repo (`repo_type="model"`, e.g. timm's ImageNet weights) it answers `/api/models/...` and
+`/{repo}/resolve/...`, lists each weight file's LFS sha256 in the repo info, and with `gated=False` serves files
+without a token. Range requests get 206 partial content, and `drop_after` cuts the next full download short
+(the connection closes mid-body), so a client's resume can be tested.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ NO_TERMS = "no-terms"
 
 _API = re.compile(r"^/api/datasets/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?$")
 _RESOLVE = re.compile(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_MODEL_API = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?$")
+_MODEL_RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_LFS_SUFFIXES = (".safetensors", ".bin", ".pth")
+_RANGE = re.compile(r"^bytes=(\d+)-$")
 
 
 def git_blob_id(data: bytes) -> str:
@@ -33,14 +42,23 @@ def git_blob_id(data: bytes) -> str:
 
 
 class FakeHub:
-    """Serve `repo_dir` as dataset `repo_id`; `tokens` maps token -> ACCEPTED or NO_TERMS."""
+    """Serve `repo_dir` as dataset `repo_id`; `tokens` maps token -> ACCEPTED or NO_TERMS.
 
-    def __init__(self, repo_dir: str | Path, repo_id: str, tokens: dict[str, str]):
+    `repo_type="model"` serves a model repo instead; `gated=False` serves files to anyone (public repo)."""
+
+    def __init__(self, repo_dir: str | Path, repo_id: str, tokens: dict[str, str], *, repo_type: str = "dataset",
+                 gated: bool = True):
         self.repo_dir = Path(repo_dir)
         self.repo_id = repo_id
         self.tokens = tokens
+        self.repo_type = repo_type
+        self.gated = gated
+        self._api, self._resolve = (_MODEL_API, _MODEL_RESOLVE) if repo_type == "model" else (_API, _RESOLVE)
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request received
+        self.ranges: list[str] = []  # the Range header of every ranged request
         self.fail_status: int | None = None  # answer every request with this status (server trouble)
+        self.drop_after: int | None = None  # the next full GET sends only this many bytes, then hangs up
+        self.lfs_sha256: dict[str, str] = {}  # repo path -> sha256 the repo info claims (default: the true one)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -102,14 +120,14 @@ class FakeHub:
         if token is not None and token not in self.tokens:
             return self._error(req, 401, None, "Invalid credentials in Authorization header", body)
 
-        if m := _API.match(path):
+        if m := self._api.match(path):
             repo, endpoint, revision = m.groups(default="main")
             if not self._repo_and_revision_ok(req, repo, revision, body):
                 return
             if endpoint != "tree":  # repo info, at a revision or at main
                 info = {
-                    "id": repo, "sha": self.commit(), "private": False, "gated": "manual",
-                    "siblings": [{"rfilename": name} for name in self.files()],
+                    "id": repo, "sha": self.commit(), "private": False, "gated": "manual" if self.gated else False,
+                    "siblings": [self._sibling(name, p) for name, p in self.files().items()],
                 }
                 return self._json(req, info, body)
             entries = [
@@ -118,15 +136,18 @@ class FakeHub:
             ]
             return self._json(req, entries, body)
 
-        if m := _RESOLVE.match(path):
+        if m := self._resolve.match(path):
             repo, revision, filename = m.groups()
             if not self._repo_and_revision_ok(req, repo, revision, body):
                 return
-            if token is None:
-                msg = f"Access to dataset {repo} is restricted. You must be authenticated to access it."
+            kind = "dataset" if self.repo_type == "dataset" else "model"
+            if not self.gated:
+                pass  # a public repo: anyone may download
+            elif token is None:
+                msg = f"Access to {kind} {repo} is restricted. You must be authenticated to access it."
                 return self._error(req, 401, "GatedRepo", msg, body)
-            if self.tokens[token] != ACCEPTED:
-                msg = f"Access to dataset {repo} is restricted and you are not in the authorized list."
+            elif self.tokens[token] != ACCEPTED:
+                msg = f"Access to {kind} {repo} is restricted and you are not in the authorized list."
                 return self._error(req, 403, "GatedRepo", msg, body)
             local = self.files().get(filename)
             if local is None:
@@ -137,9 +158,27 @@ class FakeHub:
                 "X-Repo-Commit": self.commit(),
                 "ETag": f'"{git_blob_id(data)}"',
             }
+            ranged = _RANGE.match(req.headers.get("range", ""))
+            if ranged and body:
+                start = int(ranged.group(1))
+                with self._lock:
+                    self.ranges.append(req.headers["range"])
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                return self._send(req, 206, data[start:], headers, body)
+            if body and self.drop_after is not None:
+                cut, self.drop_after = self.drop_after, None
+                return self._send(req, 200, data, headers, body, cut=cut)
             return self._send(req, 200, data, headers, body)
 
         return self._error(req, 404, None, "not found", body)
+
+    def _sibling(self, name: str, path: Path) -> dict:
+        entry: dict = {"rfilename": name}
+        if self.repo_type == "model" and name.endswith(_LFS_SUFFIXES):
+            data = path.read_bytes()
+            sha = self.lfs_sha256.get(name) or hashlib.sha256(data).hexdigest()
+            entry["lfs"] = {"sha256": sha, "size": len(data), "pointerSize": 134}
+        return entry
 
     def _repo_and_revision_ok(self, req, repo: str, revision: str, body: bool) -> bool:
         if repo != self.repo_id:
@@ -160,11 +199,14 @@ class FakeHub:
         self._send(req, status, json.dumps({"error": message}).encode(), headers, body)
 
     @staticmethod
-    def _send(req, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+    def _send(req, status: int, data: bytes, headers: dict[str, str], body: bool, cut: int | None = None) -> None:
         req.send_response(status)
         for key, value in headers.items():
             req.send_header(key, value)
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
         if body:
-            req.wfile.write(data)
+            req.wfile.write(data if cut is None else data[:cut])
+        if cut is not None:  # hang up mid-body, as a dropped connection does
+            req.wfile.flush()
+            req.close_connection = True

@@ -89,3 +89,45 @@ def test_defaults_do_not_override_given_values():
     done = check_config(validate_schema(config))
     assert done["datasets"]["d1"]["gene_selection"] == "panel"
     assert done["datasets"]["d1"]["folds_scheme"] == "leave_one_patient_out"
+
+
+# The paper's "genes used" per dataset (Methods, "Datasets"; shared/paper/README.md's counts table)
+PAPER_GENES_USED = {"IDC-LymphNode": 3467, "SKCM": 541, "READ": 3355, "COAD": 412, "IDC": 500, "PSC": 3355}
+
+
+def test_paper_config_uses_the_papers_spots_genes_and_nan_rule():
+    paper = load_config(PAPER)
+    assert paper["spots"] == "all" and all(d["spots"] == "all" for d in paper["datasets"].values())
+    assert {n: d["paper_n_genes"] for n, d in paper["datasets"].items()} == PAPER_GENES_USED
+    panels = {n: d["panel_controls"] for n, d in paper["datasets"].items() if d["gene_selection"] == "panel"}
+    assert panels == {"SKCM": "keep", "COAD": "drop", "IDC": "drop"}
+    assert paper["evaluation"]["undefined_r"] == "zero"
+    demo = load_config(DEMO)
+    assert all(d["spots"] == "in_tissue" and d["panel_controls"] == "drop" and d["paper_n_genes"] is None
+               for d in demo["datasets"].values())
+
+
+def test_spots_and_control_patterns_default_per_dataset_and_can_be_overridden():
+    config = minimal()
+    config["datasets"]["d2"] = {"source": "synthetic", "technology": "xenium", "samples": ["S3", "S4"],
+                                "spots": "in_tissue", "control_probe_patterns": ["^BLANK"]}
+    config["spots"] = "all"
+    done = check_config(validate_schema(config))
+    assert done["datasets"]["d1"]["spots"] == "all" and done["datasets"]["d2"]["spots"] == "in_tissue"
+    assert done["datasets"]["d1"]["control_probe_patterns"] == done["genes"]["control_probe_patterns"]
+    assert done["datasets"]["d2"]["control_probe_patterns"] == ["^BLANK"]
+    assert validate_schema(minimal())["evaluation"]["undefined_r"] == "zero"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c.update(spots="tissue"), "spots"),
+    (lambda c: c["datasets"]["d1"].update(spots="some"), "datasets.d1.spots"),
+    (lambda c: c["datasets"]["d1"].update(panel_controls="maybe"), "datasets.d1.panel_controls"),
+    (lambda c: c["datasets"]["d1"].update(paper_n_genes=0), "datasets.d1.paper_n_genes"),
+    (lambda c: c.update(evaluation={"undefined_r": "nan"}), "evaluation.undefined_r"),
+])
+def test_new_keys_are_validated(tmp_path, mutate, expected):
+    config = minimal()
+    mutate(config)
+    with pytest.raises(CMRCNetError, match=expected):
+        load_config(write(tmp_path, config))

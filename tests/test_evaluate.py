@@ -223,3 +223,66 @@ def test_table4_puts_a_foundation_model_beside_cmrcnet_at_the_largest_k(tmp_path
     without = build_tables(scores[scores["method"] != "fm"], sets, labels[labels["method"] != "fm"],
                            {**config, "methods": {"cmrcnet": config["methods"]["cmrcnet"]}}, n_boot=100)[0]
     assert without["table4_foundation"][0].empty
+
+
+def constant_g0(t):
+    out = t.copy()
+    out[:, 0] = 1.0  # G0 predicted as one value everywhere: its r is undefined
+    return out
+
+
+@pytest.mark.parametrize("rule, expected", [("zero", 11 / 12), ("omit", 1.0)])
+def test_tables_count_an_undefined_r_as_the_config_says_and_name_the_rule(tmp_path, rule, expected):
+    normalised = write_normalised(tmp_path)
+    paths = [write_prediction(tmp_path / f"stnet/fold{f}.h5ad", method="stnet", fold=f, layers={"pred": constant_g0})
+             for f in range(3)]
+    scores, sets, labels = evaluate_dataset(paths, normalised, dataset="IDC-LymphNode", protocols=["paper"])
+    assert scores.loc[scores["gene"] == "G0", "r"].isna().all()  # NaN in the per-gene scores either way
+    config = {"evaluation": {"k": [5], "undefined_r": rule}, "datasets": {"IDC-LymphNode": {}},
+              "methods": {"stnet": {"model": "stnet", "paper_name": "STNet", "params": {}}}}
+    paper_tables, plain = build_tables(scores, sets, labels, config, n_boot=50)
+    t1, _, _, note = paper_tables["table1_top50"]
+    row = t1.set_index("method").loc["stnet"]
+    # 12 genes, so HEG50 holds all of them: 11 perfect genes and G0 as 0 (zero) or left out (omit)
+    assert row["HEG50_mean"] == pytest.approx(expected) and row["HEG50_n_nan"] == 3
+    assert row["undefined_r"] == rule and ("counts as 0" if rule == "zero" else "left out") in note
+    assert set(plain["summary"]["undefined_r"]) == {rule}
+    assert set(plain["table3_best_genes"]["undefined_r"]) == {rule}
+    assert plain["nan_counts"]["n_genes"].sum() == 3
+
+
+def test_tables_provenance_prints_genes_selected_beside_the_papers_count(predictions, tmp_path):
+    from types import SimpleNamespace
+
+    from cmrcnet import workflow
+
+    paths, normalised = predictions
+    scores, sets, labels = evaluate_dataset(paths, normalised, dataset="SKCM", protocols=["paper"])
+    inputs = {"scores": tmp_path / "scores.parquet", "gene_sets": tmp_path / "sets.parquet",
+              "labels": tmp_path / "labels.tsv", "genes": tmp_path / "genes.tsv"}
+    scores.to_parquet(inputs["scores"])
+    sets.to_parquet(inputs["gene_sets"])
+    labels.to_csv(inputs["labels"], sep="\t", index=False)
+    pd.DataFrame({"gene": GENES}).to_csv(inputs["genes"], sep="\t", index=False)
+    config = {"seed": 0, "evaluation": {"k": [5, 10], "bootstrap": 100, "undefined_r": "zero"},
+              "datasets": {"SKCM": {"gene_selection": "panel", "panel_controls": "keep", "spots": "all",
+                                    "paper_n_genes": 541}},
+              "methods": copy.deepcopy(CONFIG["methods"])}
+    smk = SimpleNamespace(input=SimpleNamespace(**{k: [str(v)] for k, v in inputs.items()}), config=config,
+                          output=SimpleNamespace(summary=str(tmp_path / "tables" / "summary.csv")), rule="tables")
+    workflow.tables(smk)
+    info = json.loads((tmp_path / "tables" / "provenance.json").read_text())
+    assert info["gene_counts"] == [{"dataset": "SKCM", "n_genes": 12, "paper_n_genes": 541, "difference": -529,
+                                    "gene_selection": "panel", "panel_controls": "keep", "spots": "all"}]
+    assert info["undefined_r"] == "zero"
+
+
+def test_fingerprint_follows_the_spot_set_and_panel_controls_not_the_papers_count():
+    config = {"evaluation": {"k": [5]}, "methods": copy.deepcopy(CONFIG["methods"]),
+              "datasets": {"d": {"samples": ["A", "B"], "spots": "in_tissue", "panel_controls": "drop",
+                                 "paper_n_genes": None}}}
+    base = run_fingerprint(config, "d", "stnet")
+    for key, value, changes in (("spots", "all", True), ("panel_controls", "keep", True), ("paper_n_genes", 541, False)):
+        other = copy.deepcopy(config)
+        other["datasets"]["d"][key] = value
+        assert (run_fingerprint(other, "d", "stnet") != base) == changes, key

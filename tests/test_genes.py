@@ -1,3 +1,4 @@
+import json
 import logging
 
 import anndata as ad
@@ -89,7 +90,7 @@ def test_normalise_keeps_gene_order_counts_and_in_tissue(tmp_path):
     assert list(back.var_names) == ["D", "B"] and back.n_obs == 30
     raw = adata[:30, ["D", "B"]].X.toarray()
     np.testing.assert_array_equal(back.layers["counts"].toarray(), raw)
-    totals = raw.sum(1, keepdims=True)
+    totals = adata[:30].X.toarray().sum(1, keepdims=True)  # size factors over all measured genes
     np.testing.assert_allclose(back.X.toarray(), np.log1p(raw / np.maximum(totals, 1) * 1e4), rtol=1e-5)
     assert out.obs["sample"].eq("S1").all() and "cmrcnet" in back.uns
 
@@ -122,3 +123,74 @@ def test_missing_and_corrupt_h5ad(tmp_path):
     with pytest.raises(CMRCNetError, match=r"S2.h5ad: no spatial coordinates"):
         select_genes({"S2": nospatial}, tmp_path / "g.tsv", method="panel", dataset="d")
     assert not (tmp_path / "g.tsv").exists()
+
+
+def _two_orders_adata():
+    """3 spots x 3 genes, only A selected: the spots' totals over A differ from their totals over A, B, C."""
+    X = np.array([[1, 9, 0], [1, 1, 0], [2, 0, 2]], dtype=np.int32)  # totals: all genes 10, 2, 4; A alone 1, 1, 2
+    obs = pd.DataFrame({"in_tissue": 1, "array_row": [0, 0, 1], "array_col": [0, 1, 0]}, index=["s0", "s1", "s2"])
+    adata = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=["A", "B", "C"]))
+    adata.obsm["spatial"] = np.array([[50.0, 50.0], [150.0, 50.0], [50.0, 150.0]])
+    return adata
+
+
+@pytest.mark.parametrize("target_sum, expected", [
+    (10.0, [1 / 10 * 10, 1 / 2 * 10, 2 / 4 * 10]),  # subsetting first would give 10, 10, 10
+    (None, [1 / 10 * 4, 1 / 2 * 4, 2 / 4 * 4]),     # median total over all genes = 4 (over A alone: 1)
+])
+def test_normalise_over_all_measured_genes_then_subset(tmp_path, target_sum, expected):
+    """The authors' order: normalize_total + log1p over every measured gene, then keep the selected genes."""
+    st = write(tmp_path, "S1", _two_orders_adata())
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "S1n.h5ad", sample="S1", dataset="d",
+                           target_sum=target_sum)
+    assert list(out.var_names) == ["A"]
+    np.testing.assert_allclose(out.X.toarray().ravel(), np.log1p(expected), rtol=1e-6)
+    np.testing.assert_array_equal(out.layers["counts"].toarray().ravel(), [1, 1, 2])  # raw counts of A only
+    assert json.loads(ad.read_h5ad(tmp_path / "S1n.h5ad").uns["cmrcnet"])["normalised_over"] == "all measured genes"
+
+
+def test_normalise_all_spots_keeps_every_spot_in_the_st_files_order(tmp_path):
+    in_tissue = np.tile([1, 0], 20)
+    adata = make_counts_adata(n_spots=40, genes=("A", "B", "C", "D"), in_tissue=in_tissue)
+    st = write(tmp_path, "S1", adata)
+    pd.DataFrame({"gene": ["B", "A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    every = normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "all.h5ad", sample="S1", dataset="d",
+                             target_sum=1e4, spots="all")
+    assert list(every.obs_names) == list(adata.obs_names)
+    assert json.loads(every.uns["cmrcnet"])["spots"] == "all"
+    on = normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "on.h5ad", sample="S1", dataset="d", target_sum=1e4)
+    assert list(on.obs_names) == list(adata.obs_names[in_tissue == 1])
+    # a spot's normalised values do not depend on which other spots are kept when target_sum is fixed
+    np.testing.assert_allclose(every[on.obs_names].X.toarray(), on.X.toarray())
+    with pytest.raises(ValueError, match="spots must be one of"):
+        normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "x.h5ad", sample="S1", dataset="d", spots="some")
+
+
+PANEL = ["EPCAM", "CD24", "GATA3", "BLANK_0001", "NegControlProbe_00002", "UnassignedCodeword_0003"]
+
+
+def test_panel_controls_keep_uses_every_feature_measured_in_all_samples(tmp_path, caplog):
+    """SKCM in the paper: 541 features measured, 541 used ("All of these genes are included")."""
+    s1 = write(tmp_path, "S1", make_counts_adata(genes=PANEL + ["ONLY_S1"], seed=1))
+    s2 = write(tmp_path, "S2", make_counts_adata(genes=PANEL, seed=2))
+    with caplog.at_level(logging.INFO, logger="cmrcnet"):
+        table = select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="panel", dataset="SKCM",
+                             control_probe_patterns=CONTROLS, panel_controls="keep", paper_n_genes=6)
+    assert list(table.gene) == sorted(PANEL)  # controls kept, the gene missing from S2 left out
+    assert "control probes kept" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # 6 selected = the paper's 6
+    dropped = select_genes({"S1": s1, "S2": s2}, tmp_path / "d.tsv", method="panel", dataset="COAD",
+                           control_probe_patterns=CONTROLS)
+    assert list(dropped.gene) == ["CD24", "EPCAM", "GATA3"]  # the default: drop
+    with pytest.raises(CMRCNetError, match="panel_controls"):
+        select_genes({"S1": s1}, tmp_path / "x.tsv", method="panel", dataset="d", panel_controls="some")
+
+
+def test_gene_count_other_than_the_papers_warns(tmp_path, caplog):
+    s1 = write(tmp_path, "S1", make_counts_adata(genes=PANEL, seed=1))
+    s2 = write(tmp_path, "S2", make_counts_adata(genes=PANEL, seed=2))
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="panel", dataset="IDC",
+                     control_probe_patterns=CONTROLS, paper_n_genes=500)
+    assert "dataset IDC: 3 genes selected, the paper used 500 (-497)" in caplog.text

@@ -164,6 +164,50 @@ def test_pad_versus_drop(sample):
         assert h5["img"].shape[0] == len(GRID) and h5.attrs["n_dropped"] == 2
 
 
+def test_all_spots_cuts_every_spot_of_the_st_file(sample):
+    """`spots="all"` (the paper's spot counts): off-tissue spots get patches too; one centred off the slide is
+    handled by `off_slide` instead of stopping the run, since only in-tissue spots must lie on the slide."""
+    paths, out, _ = sample()
+    summary = run(paths, out, spots="all", off_slide="pad", fill=17)
+    n = len(GRID) + len(EDGE) + len(OFF_TISSUE)
+    assert summary["n_spots"] == n and summary["n_written"] == n and summary["n_padded"] == 3
+    table = pd.read_parquet(out["out_parquet"]).set_index("barcode")
+    assert table.loc["spot22-1", "in_tissue"] == 0 and table.loc["spot23-1", "in_tissue"] == 0
+    assert table["in_tissue"].sum() == len(GRID) + len(EDGE) and bool(table.loc["spot23-1", "padded"])
+    with h5py.File(out["out_h5"]) as h5:
+        assert (h5["img"][int(table.loc["spot23-1", "patch_index"])] == 17).all()  # wholly off the slide
+        assert h5.attrs["spots"] == "all"
+    for path in out.values():
+        path.unlink()
+    summary = run(paths, out, spots="all", off_slide="drop")
+    assert (summary["n_written"], summary["n_dropped"]) == (len(GRID) + 1, 3)  # the on-slide off-tissue spot stays
+
+
+def test_normalised_spots_and_patches_agree_for_either_spot_set(sample, tmp_path):
+    """The normalised h5ad and the patch file hold the same spots; the training join keeps the h5ad's order."""
+    from cmrcnet.data.datasets import load_sample
+    from cmrcnet.data.genes import normalise_sample
+
+    paths, out, _ = sample(spots=GRID + [(1000, 1000), (1300, 1000)])  # two off-tissue spots, on the slide
+    genes_tsv = tmp_path / "genes.tsv"
+    pd.DataFrame({"gene": ["C", "A"]}).to_csv(genes_tsv, sep="\t", index=False)
+    raw = ad.read_h5ad(paths["st"])
+    for spots, n in (("in_tissue", len(GRID)), ("all", len(GRID) + 2)):
+        norm = normalise_sample(paths["st"], genes_tsv, tmp_path / f"{spots}.h5ad", sample="S1", dataset="d",
+                                target_sum=10.0, spots=spots)
+        h5, parquet = tmp_path / f"{spots}.h5", tmp_path / f"{spots}.parquet"
+        extract_patches(paths["wsi"], paths["st"], paths["metadata"], h5, parquet, sample="S1", spots=spots,
+                        progress=False)
+        table = pd.read_parquet(parquet)
+        assert norm.n_obs == n and set(table["barcode"]) == set(norm.obs_names)
+        assert list(norm.obs_names) == [b for b in raw.obs_names if b in set(table["barcode"])]  # st file order
+        joined = load_sample("S1", tmp_path / f"{spots}.h5ad", h5, ["C", "A"], genes_tsv)
+        assert list(joined.barcodes) == list(norm.obs_names)
+        np.testing.assert_allclose(joined.expression, norm.X.toarray())
+        rows = table.set_index("barcode").loc[joined.barcodes, "patch_index"].to_numpy()
+        np.testing.assert_array_equal(joined.patch_rows, rows)
+
+
 def test_all_dropped_is_an_error(sample):
     paths, out, _ = sample(spots=EDGE, in_tissue=[1, 1])
     with pytest.raises(CMRCNetError, match="all 2 spots were dropped"):

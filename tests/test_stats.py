@@ -49,9 +49,9 @@ HAND_SCORES = _scores([
 HAND_SETS = _sets([(f, s, "S", g) for f, s in ((0, "a"), (0, "b"), (1, "c")) for g in ("g1", "g2")])
 
 
-def test_summarise_by_hand():
+def test_summarise_by_hand_omitting_undefined_r():
     sets = pd.concat([HAND_SETS, HAND_SETS])  # one copy per method, as the pipeline writes them
-    out = summarise(HAND_SCORES, sets, n_boot=200)
+    out = summarise(HAND_SCORES, sets, n_boot=200, undefined_r="omit")
     assert list(out.columns) == SUMMARY_COLUMNS and len(out) == 1
     row = out.iloc[0]
     # per sample: a 0.3, b 0.7, c 0.1 (NaN left out); per fold: 0.5, 0.1; over folds: 0.3 +- sd([0.5, 0.1])
@@ -60,14 +60,52 @@ def test_summarise_by_hand():
     assert (row["n_folds"], row["n_samples"], row["n_genes"], row["n_nan"]) == (2, 3, 2, 1)
     assert row["ci_low"] <= row["mean_r"] <= row["ci_high"]
     assert (row["protocol"], row["dataset"], row["method"], row["gene_set"]) == ("paper", "D", "M", "S")
+    assert row["undefined_r"] == "omit"
+
+
+def test_summarise_by_hand_undefined_r_counts_as_zero():
+    """The authors' rule (the default): sample c's undefined g2 enters its mean as 0."""
+    row = summarise(HAND_SCORES, HAND_SETS, n_boot=200).iloc[0]
+    # per sample: a 0.3, b 0.7, c (0.1 + 0) / 2 = 0.05; per fold: 0.5, 0.05; over folds: 0.275
+    assert row["mean_r"] == pytest.approx(0.275)
+    assert row["sd_r"] == pytest.approx(np.std([0.5, 0.05], ddof=1))
+    assert (row["n_folds"], row["n_samples"], row["n_genes"], row["n_nan"]) == (2, 3, 2, 1)
+    assert row["undefined_r"] == "zero" and row["ci_low"] <= row["mean_r"] <= row["ci_high"]
+
+
+def test_three_genes_one_constant_mean_is_r1_r2_and_zero():
+    """Hand-worked: 3 genes, the third has a constant prediction -> mean of (r1, r2, 0), not of (r1, r2)."""
+    truth = np.array([[1.0, 2.0, 1.0], [2.0, 1.0, 2.0], [3.0, 4.0, 3.0], [4.0, 3.0, 4.0]])
+    pred = np.array([[1.0, 1.0, 5.0], [2.0, 2.0, 5.0], [3.0, 3.0, 5.0], [4.0, 4.0, 5.0]])
+    r1 = 1.0  # perfect
+    r2 = float(np.corrcoef(truth[:, 1], pred[:, 1])[0, 1])  # 0.6
+    assert r2 == pytest.approx(0.6)
+    scores, sets = score_paper_protocol(truth, pred, ["g1", "g2", "g3"], ["s"] * 4, dataset="D", method="M",
+                                        fold=0, marker_genes=["g1", "g2", "g3"], heg_hvg_sizes=(3,))
+    assert np.isnan(scores.set_index("gene").loc["g3", "r"])  # r stays NaN in the per-gene scores
+    assert scores.set_index("gene").loc["g3", "nan_reason"] == "constant prediction"
+    zero = summarise(scores, sets, n_boot=50).set_index("gene_set").loc["marker"]
+    assert zero["mean_r"] == pytest.approx((r1 + r2 + 0.0) / 3)  # 0.5333
+    assert zero["n_nan"] == 1 and zero["n_genes"] == 3 and zero["undefined_r"] == "zero"
+    omit = summarise(scores, sets, n_boot=50, undefined_r="omit").set_index("gene_set").loc["marker"]
+    assert omit["mean_r"] == pytest.approx((r1 + r2) / 2)  # 0.8
+    assert omit["n_nan"] == 1 and omit["undefined_r"] == "omit"
+    best = best_genes(scores, n=3)
+    assert best.set_index("gene").loc["g3", "mean_r"] == 0.0
+    assert "g3" not in set(best_genes(scores, n=3, undefined_r="omit")["gene"])
+    with pytest.raises(CMRCNetError, match="undefined_r"):
+        summarise(scores, sets, undefined_r="skip")
 
 
 def test_summarise_one_fold_has_no_sd_and_all_nan_sample_is_skipped():
     scores = _scores([(0, "a", "g1", 0.5), (0, "a", "g2", 0.3), (0, "b", "g1", np.nan), (0, "b", "g2", np.nan)])
     sets = _sets([(0, s, "S", g) for s in ("a", "b") for g in ("g1", "g2")])
-    row = summarise(scores, sets, n_boot=100).iloc[0]
+    row = summarise(scores, sets, n_boot=100, undefined_r="omit").iloc[0]
     assert row["mean_r"] == pytest.approx(0.4) and math.isnan(row["sd_r"])
     assert (row["n_folds"], row["n_samples"], row["n_nan"]) == (1, 2, 2)
+    # counted as 0 instead, the all-undefined sample b means 0: (0.4 + 0) / 2 over the fold's samples
+    row = summarise(scores, sets, n_boot=100).iloc[0]
+    assert row["mean_r"] == pytest.approx(0.2) and (row["n_folds"], row["n_nan"]) == (1, 2)
 
 
 def test_constant_columns_counted_in_summary():
@@ -78,9 +116,11 @@ def test_constant_columns_counted_in_summary():
     pred[:, 2] = 1.0
     scores, sets = score_paper_protocol(truth, pred, list("abcd"), ["s"] * 20, dataset="D", method="M", fold=0,
                                         marker_genes=list("abcd"), heg_hvg_sizes=(4,))
-    out = summarise(scores, sets, n_boot=100).set_index("gene_set")
+    out = summarise(scores, sets, n_boot=100, undefined_r="omit").set_index("gene_set")
     assert out.loc["marker", "n_nan"] == 2 and out.loc["marker", "n_genes"] == 4
     assert out.loc["marker", "mean_r"] == pytest.approx(scores["r"].mean())
+    zero = summarise(scores, sets, n_boot=100).set_index("gene_set")
+    assert zero.loc["marker", "mean_r"] == pytest.approx(scores["r"].fillna(0).mean())
     nan = count_nan(scores)
     assert list(nan.columns) == NAN_COLUMNS
     assert dict(zip(nan["nan_reason"], nan["n_genes"])) == {"constant truth": 1, "constant prediction": 1}
@@ -120,10 +160,13 @@ def test_wilcoxon_matches_scipy():
     keys = [(f, s, f"g{i}") for f, s in ((0, "a"), (1, "b")) for i in range(15)]
     base = rng.uniform(-0.2, 0.6, len(keys))
     r = {"A": base + rng.normal(0.05, 0.05, len(keys)), "B": base, "C": base + rng.normal(0, 0.05, len(keys))}
-    r["B"][3] = np.nan  # this pair is dropped from every test with B
+    r["B"][3] = np.nan  # with undefined_r omit, this pair is dropped from every test with B
     scores = pd.concat([_scores([(f, s, g, v) for (f, s, g), v in zip(keys, r[m])], method=m) for m in r])
     sets = _sets([(f, s, "S", g) for f, s, g in keys])
-    out = wilcoxon_between_methods(scores, sets, gene_set="S")
+    zero = wilcoxon_between_methods(scores, sets, gene_set="S")
+    assert zero.iloc[0]["n_pairs"] == 30
+    assert zero.iloc[0]["statistic"] == pytest.approx(sps.wilcoxon(r["A"], np.nan_to_num(r["B"])).statistic)
+    out = wilcoxon_between_methods(scores, sets, gene_set="S", undefined_r="omit")
     assert list(out.columns) == WILCOXON_COLUMNS
     assert list(zip(out["method_a"], out["method_b"])) == [("A", "B"), ("A", "C"), ("B", "C")]
     ab = out.iloc[0]
@@ -133,7 +176,7 @@ def test_wilcoxon_matches_scipy():
     assert ab["statistic"] == pytest.approx(ref.statistic) and ab["p_value"] == pytest.approx(ref.pvalue)
     assert ab["median_diff"] == pytest.approx(np.median(r["A"][ok] - r["B"][ok]))
     np.testing.assert_allclose(out["p_holm"], holm_adjust(out["p_value"]))
-    assert wilcoxon_between_methods(scores, sets, gene_set="other").empty
+    assert wilcoxon_between_methods(scores, sets, gene_set="other", undefined_r="omit").empty
 
 
 def test_wilcoxon_identical_methods_give_nan():
@@ -151,7 +194,7 @@ def test_best_genes_table3():
                  (0, "a", "w", 0.0), (0, "b", "w", 0.0), (1, "c", "w", 0.0)]),
         _scores([(0, "a", "x", 0.2), (0, "a", "y", 0.3)], method="N"),
     ])
-    out = best_genes(scores, n=3)
+    out = best_genes(scores, n=3, undefined_r="omit")
     assert list(out.columns) == BEST_COLUMNS
     m = out[out["method"] == "M"]
     assert list(m["gene"]) == ["y", "x", "z"] and list(m["rank"]) == [1, 2, 3]

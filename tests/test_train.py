@@ -81,7 +81,9 @@ def dataset_dir(tmp_path):
 
 
 def run(dataset_dir, out_dir, model="stnet", params=None, **train):
-    cfg = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "num_workers": 0, "patience": None, "val_fraction": 0.2}
+    # a constant rate unless a test asks for the schedule: these tests are about the loop, not the schedule
+    cfg = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "num_workers": 0, "patience": None, "val_fraction": 0.2,
+           "schedule": "constant"}
     cfg.update(train)
     stop = cfg.pop("stop_after_epochs", None)
     return train_fold(method="tiny", method_cfg={"model": model, "params": params or {}}, train_cfg=cfg,
@@ -172,8 +174,29 @@ def test_checkpoint_of_another_configuration_is_refused(dataset_dir, tmp_path, b
         run(dataset_dir, out, batch_size=8, params={"hidden": 8})
     with pytest.raises(CMRCNetError, match="checkpoint has 2 epochs, more than epochs=1"):
         run(dataset_dir, out, epochs=1)
-    # more epochs than first planned is allowed: the run just continues
+    # more epochs than first planned is allowed under a constant rate: the run just continues
     assert run(dataset_dir, out, epochs=4)["epochs_run"] == 4
+    # under the cosine schedule the number of epochs shapes every rate, so it must match
+    cosine = tmp_path / "cosine"
+    run(dataset_dir, cosine, schedule="cosine", epochs=3, stop_after_epochs=1)
+    with pytest.raises(CMRCNetError, match=r"train\.epochs differ"):
+        run(dataset_dir, cosine, schedule="cosine", epochs=4)
+
+
+def test_cosine_schedule_resumes_bit_identical_and_logs_its_rates(dataset_dir, tmp_path, built):
+    """The rate of each epoch follows the cosine (history's lr column), and a run killed after epoch 2 ends with
+    the same weights and rates as an uninterrupted one (the scheduler state travels in last.pt)."""
+    settings = {"schedule": "cosine", "epochs": 4, "lr": 4e-3, "min_lr": 1e-4}
+    run(dataset_dir, tmp_path / "whole", **settings)
+    run(dataset_dir, tmp_path / "split", stop_after_epochs=2, **settings)
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 2
+    run(dataset_dir, tmp_path / "split", **settings)
+    whole, split = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "split"))
+    expected = [1e-4 + (4e-3 - 1e-4) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert whole["lr"].tolist() == pytest.approx(expected, rel=1e-9)
+    assert split["lr"].tolist() == pytest.approx(expected, rel=1e-9)
+    a, b = (load_checkpoint(tmp_path / d / "best.pt")["model"] for d in ("whole", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unreadable_checkpoint_names_the_file(dataset_dir, tmp_path, built):
@@ -285,7 +308,8 @@ def test_real_models_learn_on_synthetic_slides(synthetic_dir, tmp_path, name):
     from cmrcnet.data.datasets import load_fold
 
     summary = train_fold(method=name, method_cfg={"model": name, "params": REAL_PARAMS[name]},
-                         train_cfg={"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None},
+                         train_cfg={"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None,
+                                    "schedule": "constant"},
                          dataset_dir=synthetic_dir, fold=0, out_dir=tmp_path / "out", progress=False)
     if name in ("stnet", "histogene"):  # MSE models start at the mean: beat the mean, not the first epoch
         fold = load_fold(synthetic_dir, 0)

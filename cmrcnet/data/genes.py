@@ -1,7 +1,9 @@
 """Gene selection per dataset and normalisation per sample, as in the paper.
 
-Visium: union of each sample's top highly variable genes (scanpy); Xenium: the panel minus blank and
-control probes. Only in-tissue spots count. Every processed sample carries the same genes in the same order.
+Visium: union of each sample's top highly variable genes (scanpy), chosen on in-tissue spots only; Xenium: the
+panel, control probes dropped or kept (`panel_controls`). Normalisation uses the configured spot set (`spots`:
+in-tissue or all) and, as the authors' preprocessing, normalises over all measured genes before keeping the
+selected ones. Every processed sample carries the same genes in the same order.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cmrcnet.data.layout import in_tissue_mask, read_st
+from cmrcnet.data.layout import in_tissue_mask, read_st, spot_mask
 from cmrcnet.errors import input_error
 from cmrcnet.io import atomic_path, write_table
 
@@ -32,6 +34,14 @@ def _in_tissue(adata, path):
     if not mask.any():
         raise input_error(path, "no in-tissue spots (obs['in_tissue'] is 0 everywhere)")
     return adata[mask].copy()
+
+
+def _spots(adata, path, spots: str):
+    """The spot set a sample is normalised on: in-tissue spots, or every spot of the st file."""
+    if spots == "in_tissue":
+        return _in_tissue(adata, path)
+    spot_mask(adata, spots)  # checks the name
+    return adata
 
 
 def _counts_are_raw(adata, path) -> None:
@@ -68,8 +78,17 @@ def select_genes(
     min_spots: int = 1,
     control_probe_patterns: Iterable[str] = (),
     marker_genes: Iterable[str] = (),
+    panel_controls: str = "drop",
+    paper_n_genes: int | None = None,
 ) -> pd.DataFrame:
-    """Choose the dataset's gene set and write it as a table (gene, source, n_samples_hvg, is_marker)."""
+    """Choose the dataset's gene set and write it as a table (gene, source, n_samples_hvg, is_marker).
+
+    Only genes measured in every sample count. HVGs are chosen on in-tissue spots whatever the `spots` setting
+    (the paper's PSC note). `panel_controls`: drop the panel's probes matching `control_probe_patterns` or keep
+    them (the paper keeps all 541 SKCM features). A count other than `paper_n_genes` is logged as a warning.
+    """
+    if panel_controls not in ("drop", "keep"):
+        raise input_error("panel_controls", f"unknown value {panel_controls!r}; use drop or keep")
     if len(st_files) == 0:
         raise input_error(f"dataset {dataset}", "no samples to select genes from")
     patterns = list(control_probe_patterns)
@@ -92,8 +111,10 @@ def select_genes(
             log.warning("dataset %s: %d highly variable genes are not measured in every sample; left out", dataset, lost)
     elif method == "panel":
         controls = {g for g in shared if is_control_probe(g, patterns)}
-        chosen = shared - controls
-        log.info("dataset %s: panel of %d genes, %d control probes removed", dataset, len(shared), len(controls))
+        chosen = shared - controls if panel_controls == "drop" else set(shared)
+        by_pattern = ", ".join(f"{p}: {sum(bool(re.search(p, g)) for g in controls)}" for p in patterns)
+        log.info("dataset %s: panel of %d features measured in every sample, %d control probes %s (%s)", dataset,
+                 len(shared), len(controls), "removed" if panel_controls == "drop" else "kept", by_pattern or "none")
     else:
         raise input_error("gene_selection", f"unknown method {method!r}; use hvg_union or panel")
 
@@ -118,6 +139,9 @@ def select_genes(
     )
     write_table(out_tsv, table)
     log.info("dataset %s: %d genes selected (%s), %d marker genes", dataset, len(genes), method, len(markers))
+    if paper_n_genes is not None and len(genes) != paper_n_genes:
+        log.warning("dataset %s: %d genes selected, the paper used %d (%+d)", dataset, len(genes), paper_n_genes,
+                    len(genes) - paper_n_genes)
     return table
 
 
@@ -139,34 +163,43 @@ def normalise_sample(
     sample: str,
     dataset: str,
     target_sum: float | None = None,
+    spots: str = "in_tissue",
     provenance_info: dict | None = None,
 ):
-    """In-tissue spots, the dataset's genes in its order, normalize_total + log1p; raw counts in layers['counts']."""
+    """The configured spots (`in_tissue` or `all`, in the st file's order), normalize_total + log1p over all
+    measured genes, then the dataset's genes in its order; their raw counts in layers['counts'].
+
+    Normalising before subsetting is the authors' preprocessing: each spot's size factor is its total over every
+    measured gene, and `target_sum=None` is the median of those totals (over spots with any counts).
+    """
     import scanpy as sc
 
     genes = list(read_gene_table(genes_tsv)["gene"])
-    adata = _in_tissue(read_st(st_file), st_file)
+    adata = _spots(read_st(st_file), st_file, spots)
     _counts_are_raw(adata, st_file)
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise input_error(st_file, f"{len(missing)} genes of {genes_tsv} are not measured here: {shown}")
-    adata = adata[:, genes].copy()
     X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
+    counts = X[:, adata.var_names.get_indexer(genes)].astype(np.int32)
     adata.X = X.astype(np.float32)
-    adata.layers["counts"] = X.astype(np.int32)
     empty = int((np.asarray(X.sum(axis=1)).ravel() == 0).sum())
     if empty:
-        log.warning("%s: %d in-tissue spots have no counts in the selected genes", sample, empty)
+        (log.info if spots == "all" else log.warning)("%s: %d %s spots have no counts", sample, empty,
+                                                       "of all" if spots == "all" else "in-tissue")
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
+    adata = adata[:, genes].copy()
+    adata.layers["counts"] = counts
     adata.obs["sample"] = sample
     adata.obs["dataset"] = dataset
     adata.uns["cmrcnet"] = json.dumps(
-        {"sample": sample, "dataset": dataset, "target_sum": target_sum, "provenance": provenance_info}, default=str
+        {"sample": sample, "dataset": dataset, "target_sum": target_sum, "spots": spots,
+         "normalised_over": "all measured genes", "provenance": provenance_info}, default=str
     )
     adata.uns.pop("log1p", None)
     with atomic_path(out_h5ad) as tmp:
         adata.write_h5ad(tmp)
-    log.info("%s: %d in-tissue spots x %d genes normalised", sample, adata.n_obs, adata.n_vars)
+    log.info("%s: %d spots (%s) x %d genes normalised", sample, adata.n_obs, spots, adata.n_vars)
     return adata

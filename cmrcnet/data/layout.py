@@ -132,3 +132,15 @@ def in_tissue_mask(adata) -> np.ndarray:
     if "in_tissue" not in adata.obs:
         return np.ones(adata.n_obs, dtype=bool)
     return np.asarray(adata.obs["in_tissue"]).astype(int) == 1
+
+
+SPOT_SETS = ("in_tissue", "all")
+
+
+def spot_mask(adata, spots: str = "in_tissue") -> np.ndarray:
+    """The spots a stage uses: in-tissue ones (`in_tissue`) or every spot of the st file (`all`, as the paper)."""
+    if spots == "all":
+        return np.ones(adata.n_obs, dtype=bool)
+    if spots == "in_tissue":
+        return in_tissue_mask(adata)
+    raise ValueError(f"spots must be one of {', '.join(SPOT_SETS)}, got {spots!r}")

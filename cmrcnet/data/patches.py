@@ -1,4 +1,5 @@
-"""Cut a fixed-size, fixed-resolution image patch around every in-tissue spot, in HEST's patch layout.
+"""Cut a fixed-size, fixed-resolution image patch around every in-tissue spot (or every spot, `spots="all"`),
+in HEST's patch layout.
 
 Why: the models see each spot as a `patch_px` x `patch_px` RGB patch at `um_per_px`, whatever the slide's
 own resolution. Reading from the coarsest pyramid level that still has enough detail, in (y, x) order with
@@ -46,12 +47,16 @@ def extract_patches(
     um_per_px: float = 0.5,
     off_slide: str = "pad",
     fill: int = 255,
+    spots: str = "in_tissue",
     provenance_info: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write the patches of all in-tissue spots to `out_h5` and a per-patch table to `out_parquet`.
+    """Write the patches of the in-tissue spots (`spots="in_tissue"`) or of every spot of the st file
+    (`spots="all"`, as the paper) to `out_h5` and a per-patch table to `out_parquet`.
 
-    Both outputs appear together or not at all. Returns a summary (counts, level used, timing).
+    An in-tissue spot centred off the slide is an error (wrong coordinates or pixel size); with `spots="all"` an
+    off-tissue one is handled like a patch reaching past the edge (`off_slide`). Both outputs appear together or
+    not at all. Returns a summary (counts, level used, timing).
     """
     from tqdm import tqdm
 
@@ -62,12 +67,13 @@ def extract_patches(
         raise ValueError("patch_px and um_per_px must be positive")
 
     adata = layout.read_st(st)
-    keep = layout.in_tissue_mask(adata)
+    keep = layout.spot_mask(adata, spots)
     meta = layout.read_metadata(metadata)
     obs = adata.obs.loc[keep]
     centres = np.asarray(adata.obsm["spatial"], dtype=float)[keep, :2]
     barcodes = np.asarray(adata.obs_names)[keep]
-    if len(barcodes) == 0:
+    on_tissue = layout.in_tissue_mask(adata)[keep]
+    if spots == "in_tissue" and not on_tissue.any():
         raise input_error(st, "no in-tissue spots (obs['in_tissue'] is 0 everywhere)")
 
     with Slide(wsi) as slide:
@@ -89,6 +95,10 @@ def extract_patches(
         outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= slide.width) | (
             centres[:, 1] >= slide.height
         )
+        if (outside & ~on_tissue).any():
+            LOGGER.info("%s: %d off-tissue spots are centred off the slide (off_slide: %s)", sample,
+                        int((outside & ~on_tissue).sum()), off_slide)
+        outside &= on_tissue
         if outside.any():
             raise input_error(
                 st,
@@ -132,7 +142,7 @@ def extract_patches(
         for col in ("array_row", "array_col"):
             if col in obs:
                 table[col] = np.asarray(obs[col])[chosen]
-        table["in_tissue"] = 1
+        table["in_tissue"] = on_tissue[chosen].astype(int)
         table["padded"] = partial[chosen]
 
         attrs = {
@@ -146,6 +156,7 @@ def extract_patches(
             "n_padded": n_padded,
             "n_dropped": n_dropped,
             "sample": sample,
+            "spots": spots,
         }
         if provenance_info is not None:
             attrs["provenance"] = json.dumps(provenance_info, default=str)

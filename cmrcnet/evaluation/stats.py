@@ -2,8 +2,9 @@
 tests between methods, and the best-predicted genes (the paper's Table 3).
 
 Averaging follows the paper: the mean r over a gene set's genes per (fold, test sample), then the mean over a
-fold's test samples, then mean and sd over folds. NaN r (constant truth or prediction) never enter a mean;
-they are counted instead (n_nan).
+fold's test samples, then mean and sd over folds. An undefined r (NaN: constant truth or prediction) counts as 0
+in every mean (`undefined_r="zero"`, the authors' evaluation) or is left out (`"omit"`); either way it stays NaN
+in the scores table and is counted (n_nan), and every summary names the rule it used (column undefined_r).
 """
 
 from __future__ import annotations
@@ -23,11 +24,23 @@ log = logging.getLogger("cmrcnet")
 
 GROUP = ["protocol", "dataset", "method", "gene_set"]
 SAMPLE_KEY = ["protocol", "dataset", "method", "fold", "sample"]
-SUMMARY_COLUMNS = GROUP + ["mean_r", "sd_r", "n_folds", "n_samples", "n_genes", "n_nan", "ci_low", "ci_high"]
+SUMMARY_COLUMNS = GROUP + ["mean_r", "sd_r", "n_folds", "n_samples", "n_genes", "n_nan", "ci_low", "ci_high",
+                           "undefined_r"]
 WILCOXON_COLUMNS = ["protocol", "dataset", "gene_set", "method_a", "method_b", "n_pairs", "mean_r_a", "mean_r_b",
                     "median_diff", "statistic", "p_value", "p_holm"]
 BEST_COLUMNS = ["protocol", "dataset", "method", "rank", "gene", "mean_r", "sd_r", "n_folds"]
 NAN_COLUMNS = ["protocol", "dataset", "method", "fold", "sample", "nan_reason", "n_genes"]
+
+
+UNDEFINED_R = ("zero", "omit")
+
+
+def effective_r(r, undefined_r: str = "zero"):
+    """r as it enters a mean: NaN (undefined) as 0 under `zero` (the authors' evaluation), kept NaN (and so
+    left out of nan-skipping means) under `omit`."""
+    if undefined_r not in UNDEFINED_R:
+        raise input_error("evaluation.undefined_r", f"unknown value {undefined_r!r}; use zero or omit")
+    return r.fillna(0.0) if undefined_r == "zero" else r
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -112,20 +125,22 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
 
 
 def summarise(scores: pd.DataFrame, gene_sets: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-              level: float = 0.95) -> pd.DataFrame:
+              level: float = 0.95, undefined_r: str = "zero") -> pd.DataFrame:
     """One row per (protocol, dataset, method, gene_set), columns SUMMARY_COLUMNS.
 
     mean_r / sd_r: mean and sd (ddof=1; NaN with one fold) over folds of the fold means, each the mean over the
-    fold's test samples of the mean r over the set's genes. n_folds: folds with at least one finite r.
-    n_samples: (fold, sample) pairs. n_genes: median set size per sample (NaN r included). n_nan: NaN r in
-    total. ci_low / ci_high: stratified bootstrap (see bootstrap_ci) of mean_r.
+    fold's test samples of the mean r over the set's genes; an undefined r counts as 0 (`undefined_r="zero"`)
+    or is left out (`"omit"`). n_folds: folds with at least one r in the mean. n_samples: (fold, sample) pairs.
+    n_genes: median set size per sample (undefined r included). n_nan: undefined r in total. ci_low / ci_high:
+    stratified bootstrap (see bootstrap_ci) of mean_r. undefined_r: the rule used.
     """
     long = scores_in_sets(scores, gene_sets)
     if long.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    long = long.assign(undefined=long["r"].isna(), r=effective_r(long["r"], undefined_r))
     rows = []
     for key, grp in long.groupby(GROUP, sort=True):
-        per_sample = grp.groupby(["fold", "sample"]).agg(n_genes=("r", "size"), n_nan=("r", lambda r: int(r.isna().sum())),
+        per_sample = grp.groupby(["fold", "sample"]).agg(n_genes=("r", "size"), n_nan=("undefined", "sum"),
                                                          mean_r=("r", "mean"))
         per_fold = per_sample.groupby(level="fold")["mean_r"].mean().dropna()
         finite = grp[grp["r"].notna()]
@@ -142,7 +157,7 @@ def summarise(scores: pd.DataFrame, gene_sets: pd.DataFrame, n_boot: int = 1000,
             "sd_r": float(per_fold.std(ddof=1)) if len(per_fold) > 1 else np.nan,
             "n_folds": len(per_fold), "n_samples": len(per_sample),
             "n_genes": float(per_sample["n_genes"].median()), "n_nan": int(per_sample["n_nan"].sum()),
-            "ci_low": ci[0], "ci_high": ci[1],
+            "ci_low": ci[0], "ci_high": ci[1], "undefined_r": undefined_r,
         })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -162,15 +177,17 @@ def holm_adjust(p_values) -> np.ndarray:
 
 
 def wilcoxon_between_methods(scores: pd.DataFrame, gene_sets: pd.DataFrame, gene_set: str | Iterable[str] | None = None,
-                             methods: Sequence[str] | None = None) -> pd.DataFrame:
+                             methods: Sequence[str] | None = None, undefined_r: str = "zero") -> pd.DataFrame:
     """Paired Wilcoxon signed-rank test (scipy defaults: two-sided, zero differences dropped) for each pair of
     methods, per (protocol, dataset, gene set); columns WILCOXON_COLUMNS.
 
-    Pairs are (fold, sample, gene) scored by both methods with finite r (n_pairs); with several test samples a
-    gene contributes once per sample. median_diff is median(r_a - r_b). p_holm adjusts over the method pairs
-    within each (protocol, dataset, gene_set). No pairs, or all differences zero: statistic and p are NaN.
+    Pairs are (fold, sample, gene) scored by both methods (n_pairs), an undefined r as 0 (`undefined_r="zero"`)
+    or the pair dropped (`"omit"`); with several test samples a gene contributes once per sample. median_diff
+    is median(r_a - r_b). p_holm adjusts over the method pairs within each (protocol, dataset, gene_set). No
+    pairs, or all differences zero: statistic and p are NaN.
     """
     long = scores_in_sets(scores, gene_sets)
+    long["r"] = effective_r(long["r"], undefined_r)
     if gene_set is not None:
         wanted = [gene_set] if isinstance(gene_set, str) else list(gene_set)
         long = long[long["gene_set"].isin(wanted)]
@@ -201,13 +218,15 @@ def wilcoxon_between_methods(scores: pd.DataFrame, gene_sets: pd.DataFrame, gene
     return pd.DataFrame(rows, columns=WILCOXON_COLUMNS)
 
 
-def best_genes(scores: pd.DataFrame, n: int = 5) -> pd.DataFrame:
+def best_genes(scores: pd.DataFrame, n: int = 5, undefined_r: str = "zero") -> pd.DataFrame:
     """The paper's Table 3: the n best-predicted genes per (protocol, dataset, method), ranked by mean r (mean
-    over folds of the mean over each fold's test samples, NaN r left out; ties by gene name). Columns
-    BEST_COLUMNS; sd_r is over folds (NaN with one fold), n_folds counts folds with a finite r."""
+    over folds of the mean over each fold's test samples, an undefined r as 0 or left out as `undefined_r`
+    says; ties by gene name). Columns BEST_COLUMNS; sd_r is over folds (NaN with one fold), n_folds counts
+    folds with an r in the mean."""
     _check_scores(scores)
     if n < 1:
         raise input_error("best_genes", f"n must be at least 1, got {n}")
+    scores = scores.assign(r=effective_r(scores["r"], undefined_r))
     keys = ["protocol", "dataset", "method", "gene"]
     per_fold = scores.groupby(keys + ["fold"])["r"].mean().dropna().reset_index()
     per_gene = per_fold.groupby(keys)["r"].agg(mean_r="mean", sd_r=lambda r: r.std(ddof=1), n_folds="size").reset_index()

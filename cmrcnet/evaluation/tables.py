@@ -2,12 +2,14 @@
 
 Inputs are two frames: `summary` (one row per protocol x dataset x method label x gene set: mean_r, sd_r,
 ci_low, ci_high, n_folds, n_nan, ...) and `labels` (one row per method label: method, model, k, paper_name,
-ablation and the CMRCNet switches). Each table is written as CSV (numbers) and Markdown (mean +- sd).
+ablation and the CMRCNet switches). Each table is written as CSV (numbers) and Markdown (mean +- sd), and says how
+an undefined r entered its means (column `undefined_r`, and the Markdown note).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -248,25 +250,52 @@ def best_genes_markdown(best: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+UNDEFINED_R_NOTES = {
+    "zero": "an undefined r (constant truth or prediction) counts as 0, as in the authors' evaluation",
+    "omit": "an undefined r (constant truth or prediction) is left out of the means (`undefined_r: omit`)",
+}
+
+
+def gene_counts(genes_tsvs: Mapping[str, str | Path], config: dict) -> list[dict]:
+    """Per dataset: the number of genes selected (its genes.tsv) beside the paper's count (`paper_n_genes`),
+    with the settings that decide it; for the tables' provenance.json."""
+    from cmrcnet.data.genes import read_gene_table
+
+    rows = []
+    for dataset, path in genes_tsvs.items():
+        ds = config["datasets"][dataset]
+        n, paper = len(read_gene_table(path)), ds.get("paper_n_genes")
+        rows.append({"dataset": dataset, "n_genes": n, "paper_n_genes": paper,
+                     "difference": None if paper is None else n - paper, "gene_selection": ds.get("gene_selection"),
+                     "panel_controls": ds.get("panel_controls"), "spots": ds.get("spots")})
+    return rows
+
+
 def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.DataFrame, config: dict, *,
                  n_boot: int = 1000, seed: int = 0) -> tuple[dict, dict[str, pd.DataFrame]]:
     """Every results table from the concatenated scores of all datasets.
 
     Returns (paper_tables, plain): paper_tables maps a name to (table, gene sets, title, note) for
     `write_tables`; plain maps a name to a frame written as CSV only (summary, Wilcoxon tests, NaN counts).
+    An undefined r enters every mean as `evaluation.undefined_r` says (default `zero`, the authors' rule);
+    each table carries that rule in a column `undefined_r` and in its note.
     """
     from cmrcnet.evaluation.stats import best_genes, count_nan, summarise, wilcoxon_between_methods
 
     ks = sorted(int(k) for k in config["evaluation"]["k"])
+    undefined_r = config["evaluation"].get("undefined_r", "zero")
     labels = label_info(config, label_rows.to_dict("records"))
-    summary = summarise(scores, gene_sets, n_boot=n_boot, seed=seed)
+    summary = summarise(scores, gene_sets, n_boot=n_boot, seed=seed, undefined_r=undefined_r)
     main = main_labels(labels)
     main_scores = scores[scores["method"].isin(main)]
-    wilcoxon = wilcoxon_between_methods(main_scores, gene_sets, gene_set=MAIN_SETS + ["hest50"])
-    best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5) if not main_scores.empty else \
-        pd.DataFrame()
+    wilcoxon = wilcoxon_between_methods(main_scores, gene_sets, gene_set=MAIN_SETS + ["hest50"],
+                                        undefined_r=undefined_r).assign(undefined_r=undefined_r)
+    best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5, undefined_r=undefined_r) \
+        if not main_scores.empty else pd.DataFrame()
+    if not best.empty:
+        best = best.assign(undefined_r=undefined_r)
     ablation_k = 50 if 50 in ks else ks[0]
-    note = "mean ± sd over folds; in brackets the paper's value and our difference"
+    note = f"mean ± sd over folds; in brackets the paper's value and our difference; {UNDEFINED_R_NOTES[undefined_r]}"
     dataset_rank = {d: i for i, d in enumerate(config.get("datasets", {}))}
     method_rank = {m: i for i, m in enumerate(config["methods"])}
     ordered = labels.assign(_m=labels["method"].map(method_rank), _k=labels["k"].fillna(-1),
@@ -279,7 +308,7 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
         key = table["method"].map(label_rank).fillna(len(label_rank))
         if "dataset" in table.columns:
             key = table["dataset"].map(dataset_rank).fillna(len(dataset_rank)) * (len(label_rank) + 1) + key
-        return table.iloc[key.argsort(kind="stable")].reset_index(drop=True)
+        return table.iloc[key.argsort(kind="stable")].reset_index(drop=True).assign(undefined_r=undefined_r)
 
     paper_tables = {
         "table1_top50": (in_order(table1(summary, labels, ks)), MAIN_SETS, "Table 1: top-50 HEG, HVG and marker genes",
@@ -292,7 +321,8 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
         "table5_ablation": (in_order(table5(summary, labels, ablation_k)), MAIN_SETS,
                             f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)", note),
         "hest_bench": (in_order(hest_bench_table(summary, labels)), ["hest50"], "HEST-bench: 50 fixed genes",
-                       "Pearson r over each fold's whole test split; no paper values exist for this protocol."),
+                       "Pearson r over each fold's whole test split; no paper values exist for this protocol; "
+                       f"{UNDEFINED_R_NOTES[undefined_r]}."),
     }
     plain = {"summary": summary, "wilcoxon": wilcoxon, "table3_best_genes": best, "nan_counts": count_nan(scores),
              "labels": labels}

@@ -1,8 +1,9 @@
 """CMRCNet (Liu et al.): BLEEP's contrastive model with a ViT-B/32 trained from scratch plus a cross-modal
 mask-reconstruction branch that rebuilds the image embedding from masked image tokens and gene tokens.
 
-Why the branch helps: to fill in masked image features the tokens must carry information that the gene
-tokens can complete, which ties local image features to expression beyond the single pooled CLS vector.
+Why the branch helps (the paper's argument): to fill in masked image features the tokens must carry information
+that the gene tokens can complete, which ties local image features to expression beyond the pooled embedding.
+Every statement of the paper this module follows is listed, with its test, in docs/fidelity.md.
 The branch is used only in training; retrieval uses `embed_image` / `embed_expression` as in BLEEP.
 """
 
@@ -54,41 +55,65 @@ class SNNEncoder(nn.Sequential):
                 nn.init.zeros_(layer.bias)
 
 
+class ResidualCrossAttention(nn.Module):
+    """The paper's Fig. 8: x W_V' + softmax(x W_Q (G W_K)^T / sqrt(d)) G W_V.
+
+    Queries come from the fused (query-side) features x, keys and values from the other modality's tokens G,
+    and a value projection of x itself is added back (not the identity), so the output is never made of the
+    other modality alone: "it prevents the information from overly favoring" one modality."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.value = nn.Linear(dim, dim)  # W_V'
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.value(x) + self.attn(x, context, context, need_weights=False)[0]
+
+
 class FusionBlock(nn.Module):
-    """Pre-LN Transformer block (self-attention + MLP) ending in a residual cross-attention back to the
-    (masked) image features, so every block re-reads the image side while fusing in gene information."""
+    """The paper's cross-modal fusion module: a pre-LN Transformer block (LayerNorm, multi-head self-attention,
+    MLP) on the query-side tokens, ending in a residual cross-attention whose keys and values are the
+    other modality's tokens (the gene tokens F_gene when the image embedding is rebuilt)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1):
         super().__init__()
         self.block = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, activation="gelu",
                                                 batch_first=True, norm_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.cross = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross = ResidualCrossAttention(dim, heads, dropout)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = self.block(x)
-        return x + self.cross(self.norm(x), image, image, need_weights=False)[0]
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.cross(self.block(x), context)
 
 
 @register_model("cmrcnet")
 class CMRCNet(BLEEP):
     """Loss = log(1 + L_con) + log(1 + L_rec); with recon_loss="none" only log(1 + L_con) (Table 5's `none`).
 
-    The reconstruction target is detached by default (`detach_target`): the stop-gradient keeps the branch
-    from pulling the contrastive embedding toward whatever is easiest to reconstruct (in the limit a
-    constant, i.e. collapse), so the embedding is shaped by the contrastive loss and the encoder tokens by
-    the reconstruction.
+    recon_target="image" (the paper's method): the image tokens are projected to `embed_dim`, `mask_rate` of
+    their features are zeroed, a cross-attention (Q: masked image tokens, K/V: gene tokens from the SNN) and
+    `n_fusion_blocks` fusion modules (whose cross-attention reads the gene tokens) rebuild them, and the token
+    mean F_r is compared with the image embedding F'_img of the contrastive branch.
+    recon_target="expression" (Table 5's "spatial transcription" rows, our reading of the paper): the roles
+    swap. `mask_rate` of the expression values are zeroed before the SNN, the masked gene tokens are the
+    queries, the (unmasked) image tokens the keys/values, and the token mean is compared with the expression
+    embedding F'_gene. Masking the input, not the SNN's output, keeps the task from being solvable by an SNN
+    that learns to store everything twice.
+
+    `detach_target` (default False, as the paper and the authors' code: gradients reach both sides) stops the
+    reconstruction gradient at the target embedding, so only the branch and the encoder's tokens learn from it.
+    `pool` = "mean" (the paper: F_img averaged over its 50 tokens) | "cls" | "native".
     """
 
     def __init__(self, n_genes: int, *, encoder: str = "vit_base_patch32_224", encoder_kwargs: dict | None = None,
                  pretrained_path: str | None = None, embed_dim: int = 256, dropout: float = 0.1,
-                 tau: float = 1.0, input_size: int | None = None, mask_rate: float = 0.5,
-                 recon_loss: str = "mse", recon_target: str = "image", detach_target: bool = True,
+                 tau: float = 1.0, input_size: int | None = None, pool: str = "mean", mask_rate: float = 0.5,
+                 recon_loss: str = "mse", recon_target: str = "image", detach_target: bool = False,
                  n_gene_tokens: int = 8, snn_hidden: int = 1024, snn_dropout: float = 0.25,
                  cross_heads: int = 4, fusion_heads: int = 8, n_fusion_blocks: int = 2,
                  fusion_mlp_ratio: float = 4.0):
         super().__init__(n_genes, encoder=encoder, encoder_kwargs=encoder_kwargs, pretrained_path=pretrained_path,
-                         embed_dim=embed_dim, dropout=dropout, tau=tau, input_size=input_size)
+                         embed_dim=embed_dim, dropout=dropout, tau=tau, input_size=input_size, pool=pool)
         if recon_loss not in RECON_LOSSES:
             raise input_error("recon_loss", f"unknown {recon_loss!r}; use one of {', '.join(RECON_LOSSES)}")
         if recon_target not in RECON_TARGETS:
@@ -111,18 +136,32 @@ class CMRCNet(BLEEP):
         self.gene_cross = nn.MultiheadAttention(embed_dim, cross_heads, dropout=dropout, batch_first=True)
         self.fusion = nn.ModuleList(FusionBlock(embed_dim, fusion_heads, fusion_mlp_ratio, dropout)
                                     for _ in range(n_fusion_blocks))
-        self.recon_norm = nn.LayerNorm(embed_dim)
+
+    def image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's tokens (B, T, C) projected to the branch width (B, T, D): Linear 768 -> 256."""
+        return self.token_proj(tokens)
+
+    def gene_tokens(self, expr: torch.Tensor) -> torch.Tensor:
+        """Expression (B, G) -> SNN -> (B, n_gene_tokens, D): 2048 = 8 x 256 in the paper."""
+        return self.gene_encoder(expr).view(expr.shape[0], self.n_gene_tokens, -1)
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        return random_feature_mask(x, self.mask_rate) if self.training and self.mask_rate > 0 else x
+
+    def fuse(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """First cross-attention (Q: queries, K/V: context), then the fusion modules, each ending in a residual
+        cross-attention on the same context; the token mean is the reconstruction F_r (B, D)."""
+        x = self.gene_cross(queries, context, context, need_weights=False)[0]
+        for block in self.fusion:
+            x = block(x, context)
+        return x.mean(dim=1)
 
     def reconstruct(self, tokens: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
-        """Embedding (B, D) rebuilt from the image tokens (masked in training) and the gene tokens."""
-        image = self.token_proj(tokens)
-        if self.training and self.mask_rate > 0:
-            image = random_feature_mask(image, self.mask_rate)
-        genes = self.gene_encoder(expr).view(expr.shape[0], self.n_gene_tokens, -1)
-        x = self.gene_cross(image, genes, genes, need_weights=False)[0]
-        for block in self.fusion:
-            x = block(x, image)
-        return self.recon_norm(x).mean(dim=1)
+        """F_r (B, D): the image embedding rebuilt from masked image tokens under the gene tokens' guidance, or
+        (recon_target="expression") the expression embedding rebuilt from masked expression under the image's."""
+        if self.recon_target == "image":
+            return self.fuse(self._mask(self.image_tokens(tokens)), self.gene_tokens(expr))
+        return self.fuse(self.gene_tokens(self._mask(expr)), self.image_tokens(tokens))
 
     def forward(self, batch: dict) -> dict:
         img_emb, tokens = self.image_features(batch["image"])

@@ -36,14 +36,29 @@ def create_encoder(name: str, pretrained_path: str | Path | None = None, strict:
     return model
 
 
-def encode(encoder: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+POOLS = ("native", "mean", "cls")
+
+
+def encode(encoder: nn.Module, image: torch.Tensor, pool: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled embedding (B, C), tokens (B, T, C)) from one forward pass.
 
-    ViTs give all tokens (CLS first) and pool to the CLS token; CNNs give their last feature map, whose
-    positions become the tokens, pooled as the architecture pools (global average for ResNet/DenseNet)."""
+    ViTs give all their output tokens (CLS first: 50 for a ViT-B/32 at 224 px); CNNs give their last feature
+    map, whose positions become the tokens. `pool` says how one embedding is made of them:
+    "native" as the architecture pools (timm's head: CLS token for ViTs, global average for ResNet/DenseNet),
+    "mean" the average over all output tokens (CMRCNet: "the average value of F_img is computed along the token
+    dimension"), "cls" the first token (ViTs with a class token only)."""
     feats = encoder.forward_features(image)
-    pooled = encoder.forward_head(feats, pre_logits=True)
     tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+    if pool == "native":
+        pooled = encoder.forward_head(feats, pre_logits=True)
+    elif pool == "mean":
+        pooled = tokens.mean(dim=1)
+    elif pool == "cls":
+        if getattr(encoder, "cls_token", None) is None:
+            raise input_error("pool", f"'cls' needs an encoder with a class token; {type(encoder).__name__} has none")
+        pooled = tokens[:, 0]
+    else:
+        raise input_error("pool", f"unknown {pool!r}; use one of {', '.join(POOLS)}")
     return pooled, tokens
 
 
