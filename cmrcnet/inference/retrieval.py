@@ -8,7 +8,7 @@ Why blocked: the dense way (the whole queries x references similarity matrix, th
 N x M floats plus the sort's output; for 1e4 test spots and 1e6 training spots that is 40 GB before sorting.
 `topk_cosine` walks the queries in blocks and, within each, the references in blocks, and keeps a running
 top-k per query, so its working memory is O(query_block x (reference_block + k)) whatever N and M are. The
-result is exact, not approximate: the same float32 similarities and the same order as the dense way.
+result is exact, not approximate, up to the rounding of float32 products (see "Order and ties").
 
 How (per query block): the first reference block goes through `torch.topk`; from then on each query has a
 k-th best similarity so far, and only similarities strictly above it can still enter its top k. Those are
@@ -17,13 +17,14 @@ pooled, and merged into the running top-k by a stable sort once k or more have b
 reference set almost nothing passes, so the cost approaches that of the matrix product alone.
 
 Order and ties: neighbours come sorted by decreasing similarity; equal similarities are ordered by increasing
-reference index (the lower index wins a place in the top k). This is what a stable descending sort of each
-row of the full similarity matrix gives, so a brute-force reference is `torch.sort(S, descending=True,
-stable=True)` on `S = normalize(Q) @ normalize(R).T`. Similarities are float32 matrix products; they equal the
-dense ones bit for bit as long as the BLAS uses the same kernel for both. It may not for very small blocks
-(here, MKL/oneDNN rounded products of fewer than 16 query rows differently in the last bit), which can only
-reorder neighbours whose similarities differ by about 1e-7; query blocks are therefore made equal in size
-rather than leaving a small remainder.
+reference index (the lower index wins a place in the top k), as a stable descending sort of each row of the
+full similarity matrix S = normalize(Q) @ normalize(R).T would order them. The promise, precisely: each returned
+similarity is the float32 product of that query and that reference, and equals the dense S at the same rank
+to within float32 rounding (a BLAS may round one product differently, by about one ulp, when it is computed
+in a block of another shape; seen with MKL/oneDNN). So neighbours whose similarities lie within that rounding
+(1e-6 here) of each other may come in another order, or trade places at the k-th position; copies of one
+reference row are such neighbours. Nothing else can differ. Query blocks are made equal in size rather than
+leaving a small remainder, which makes such differences rarer.
 
 Memory (bytes), on the device that does the work:
 - normalised float32 copies of the inputs: 4 (N + M) D (the inputs themselves are not modified);
@@ -34,7 +35,8 @@ With the CPU defaults (512 x 8192 blocks) and k = 500 the working set is ~50 MB;
 (4096 x 32768) ~0.8 GB of GPU memory.
 
 Zero vectors have no direction: they are given similarity 0 to everything (as `torch.nn.functional.normalize`
-does) rather than an error.
+does) rather than an error. Rows are scaled by their largest magnitude before their norm is taken, so finite
+rows whose norm overflows float32 (entries near 3e38) keep their direction.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def _normalised(x: torch.Tensor, device: torch.device, rows: int = _CHECK_ROWS) 
     """An L2-normalised float32 copy of `x` on `device`, normalised in place chunk by chunk (one copy in all)."""
     out = x.to(device=device, dtype=torch.float32, copy=True).contiguous()
     for chunk in out.split(rows):
+        # scaled by the largest magnitude first: the norm of a finite row can overflow float32, never this one's
+        chunk.div_(chunk.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
         chunk.div_(torch.linalg.vector_norm(chunk, dim=1, keepdim=True).clamp_min(_EPS))
     return out
 
