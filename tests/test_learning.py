@@ -13,7 +13,7 @@ from cmrcnet.evaluation.metrics import pearson_per_gene
 from cmrcnet.inference.predict import predict_fold
 from cmrcnet.train import train_fold
 
-TRAIN = {"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None}
+TRAIN = {"epochs": 15, "batch_size": 16, "lr": 1e-3, "num_workers": 0, "patience": None, "schedule": "constant"}
 
 
 def mean_r(name, data_dir, out, shuffle_pairs: bool) -> float:
