@@ -10,7 +10,46 @@ import json
 import logging
 from pathlib import Path
 
+from cmrcnet.errors import input_error
 from cmrcnet.logs import exit_on_input_error, setup_logging
+
+
+def _device(value: str | None) -> str | None:
+    """`--device`, checked before any work: a torch device that exists here (None: cuda when visible, else cpu)."""
+    if value is None:
+        return None
+    import torch
+
+    flag = f"--device {value}"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise input_error(flag, "not a device; use cpu, cuda or cuda:N (or leave --device out)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise input_error(flag, "no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device "
+                                    "cpu, or leave --device out to use a GPU only when there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise input_error(flag, f"no such GPU; {torch.cuda.device_count()} visible (cuda:0 to "
+                                    f"cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise input_error(flag, "no Apple GPU (MPS) is available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise input_error(flag, f"{dev.type} devices are not supported; use cpu or cuda")
+    return str(dev)
+
+
+def _at_least(flag: str, value, minimum) -> None:
+    if value is not None and value < minimum:
+        raise input_error(flag, f"must be at least {minimum:g}, got {value:g}")
+
+
+def _positive(flag: str, value) -> None:
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise input_error(flag, f"must be a number above 0, got {value:g}")
 
 
 def _validate_config(args) -> None:
@@ -59,6 +98,8 @@ def _link(args) -> None:
 def _select_genes(args) -> None:
     from cmrcnet.data.genes import select_genes
 
+    _at_least("--n-top-hvg", args.n_top_hvg, 1)
+    _at_least("--paper-n-genes", args.paper_n_genes, 1)
     st = {Path(p).stem: p for p in args.st}
     table = select_genes(
         st, args.out, method=args.method, dataset=args.dataset, n_top_hvg=args.n_top_hvg,
@@ -71,6 +112,7 @@ def _select_genes(args) -> None:
 def _normalise(args) -> None:
     from cmrcnet.data.genes import normalise_sample
 
+    _positive("--target-sum", args.target_sum)
     adata = normalise_sample(args.st, args.genes, args.out, sample=Path(args.st).stem, dataset=args.dataset,
                              target_sum=args.target_sum, spots=args.spots)
     print(f"{args.out}: {adata.n_obs} spots x {adata.n_vars} genes")
@@ -84,8 +126,9 @@ def _folds(args) -> None:
 
 
 def _patches(args) -> None:
-    from cmrcnet.data.patches import extract_patches
+    from cmrcnet.data.patches import check_patch_settings, extract_patches
 
+    check_patch_settings(args.size_px, args.um_per_px, "--size-px", "--um-per-px")
     summary = extract_patches(
         args.wsi, args.st, args.metadata, args.out_h5, args.out_spots, sample=Path(args.st).stem,
         patch_px=args.size_px, um_per_px=args.um_per_px, off_slide=args.off_slide, spots=args.spots,
@@ -100,23 +143,25 @@ def _config_for_run(args) -> dict:
     config = load_config(args.config)
     dataset_config(config, args.dataset)
     if args.method not in config["methods"]:
-        from cmrcnet.errors import input_error
-
         known = ", ".join(config["methods"]) or "none"
         raise input_error(args.config, f"methods.{args.method}: no such method; the config has {known}")
     return config
 
 
 def _train(args) -> None:
+    from cmrcnet.inference.predict import check_k_fits
     from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
 
+    device = _device(args.device)
     config = _config_for_run(args)
     dataset_dir = Path(args.processed_dir or config["processed_dir"]) / args.dataset
     out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}")
-    summary = train_fold(method=args.method, method_cfg=training_method_cfg(config, args.method), train_cfg=config["train"],
+    method_cfg = training_method_cfg(config, args.method)
+    check_k_fits(dataset_dir, args.fold, config["evaluation"]["k"], method_cfg["model"])
+    summary = train_fold(method=args.method, method_cfg=method_cfg, train_cfg=config["train"],
                          dataset_dir=dataset_dir, fold=args.fold, out_dir=out_dir, seed=config["seed"],
-                         device=args.device)
+                         device=device)
     print(json.dumps(summary, default=str))
 
 
@@ -125,16 +170,18 @@ def _predict(args) -> None:
     from cmrcnet.inference.predict import predict_fold
     from cmrcnet.recipes import effective_method
 
+    device = _device(args.device)
     config = _config_for_run(args)
     ev = config["evaluation"]
+    method = effective_method(config, args.method)
     run_dir = Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}"
     default_out = Path(config["results_dir"]) / args.dataset / "predictions" / args.method / f"fold{args.fold}.h5ad"
     out = Path(args.out or default_out)
     info = predict_fold(model_path=args.model or run_dir / "best.pt",
                         dataset_dir=Path(args.processed_dir or config["processed_dir"]) / args.dataset, fold=args.fold,
                         out_path=out, method=args.method, ks=ev["k"], weighted=ev["weighted"],
-                        tta=effective_method(config, args.method)["tta"],
-                        batch_size=ev["batch_size"], device=args.device,
+                        tta=method["tta"], expected_model=method["model"],
+                        batch_size=ev["batch_size"], device=device,
                         fingerprint=run_fingerprint(config, args.dataset, args.method))
     print(json.dumps({**info, "out": str(out)}, default=str))
 

@@ -54,6 +54,11 @@ def validate_schema(config: Any, where: str | Path = "config", schema_path: str 
     if errors:
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        if err.validator == "minLength" and err.instance == "":
+            default = err.schema.get("default")
+            hint = f"; leave it out for the default ({default})" if default is not None else ""
+            raise input_error(where, f"{key}: must not be empty (an empty folder would put outputs at the "
+                                     f"filesystem root){hint}")
         raise input_error(where, f"{key}: {err.message}")
     return config
 
@@ -92,11 +97,70 @@ def check_config(config: dict, where: str | Path = "config") -> dict:
         if unknown:
             raise input_error(where, f"methods.{name}.datasets: unknown datasets {', '.join(unknown)}; "
                                      f"known: {', '.join(config['datasets'])}")
+        _check_encoder(method, f"methods.{name}.params.encoder", where)
         if method.get("recipe", "paper") != "paper":  # a recipe that needs weights must name fetchable ones
             from cmrcnet.recipes import effective_method
 
             effective_method(config, name, where=where)
+    for name in config["datasets"]:
+        _check_k_fits_synthetic(config, name, where)
     return config
+
+
+# Models that predict by averaging the top-k training spots (their class's `kind` is "retrieval"), and models built
+# on a timm image encoder (`params.encoder`): known here without importing torch.
+RETRIEVAL_MODELS = ("cmrcnet", "bleep")
+ENCODER_MODELS = ("cmrcnet", "bleep", "stnet", "foundation")
+
+
+def _check_encoder(method: dict, key: str, where) -> None:
+    """A method's `params.encoder` must be a timm architecture: known when planning, not after hours of queueing."""
+    encoder = (method.get("params") or {}).get("encoder")
+    if encoder is None or method.get("model") not in ENCODER_MODELS:
+        return
+    import difflib
+
+    import timm
+
+    if isinstance(encoder, str) and timm.is_model(encoder):
+        return
+    close = difflib.get_close_matches(str(encoder), timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise input_error(where, f"{key}: {encoder!r} is not a timm model{hint}")
+
+
+def synthetic_spots_per_sample(ds: dict) -> int:
+    """Spots of each synthetic sample of a dataset (every spot; the in-tissue ones are fewer)."""
+    from cmrcnet.data.synthetic import spot_grid
+
+    spec = ds.get("synthetic") or {}
+    grid = spot_grid(ds["technology"], spec.get("width_um", 1600), spec.get("height_um", 1600))
+    return len(grid["x_um"])
+
+
+def _check_k_fits_synthetic(config: dict, dataset: str, where) -> None:
+    """evaluation.k against the fewest training spots of a synthetic dataset's folds, known before any data exists
+    (an upper bound: every spot of every training sample). Real data is checked when training starts."""
+    ds = config["datasets"][dataset]
+    ks = (config.get("evaluation") or {}).get("k") or []
+    if ds["source"] != "synthetic" or not ks:
+        return
+    if not any(config["methods"][m]["model"] in RETRIEVAL_MODELS for m in methods_for(config, dataset)):
+        return
+    if ds.get("folds_scheme", "leave_one_sample_out") == "leave_one_patient_out":
+        patients = [ds.get("patients", {}).get(s, s) for s in ds["samples"]]
+        held_out = max(patients.count(p) for p in set(patients))
+    else:
+        held_out = 1
+    n_train = len(ds["samples"]) - held_out
+    per_sample = synthetic_spots_per_sample(ds)
+    bound = n_train * per_sample
+    if max(ks) > bound:
+        spec = ds.get("synthetic") or {}
+        raise input_error(where, f"evaluation.k: {max(ks)} neighbours, but a fold of dataset {dataset} trains on at "
+                                 f"most {bound} spots ({n_train} samples x {per_sample} spots of "
+                                 f"{spec.get('width_um', 1600):g} x {spec.get('height_um', 1600):g} um); lower "
+                                 f"evaluation.k or enlarge datasets.{dataset}.synthetic")
 
 
 def methods_for(config: dict, dataset: str) -> list[str]:

@@ -108,8 +108,37 @@ def lr_factor(epoch: int, cfg: dict) -> float:
     return (low + (base - low) * (1 + math.cos(math.pi * t)) / 2) / base
 
 
-def fingerprint(model: str, params: dict, cfg: dict, genes: list[str], fold: int, seed: int) -> dict:
-    """What a checkpoint must match to be resumed: everything that changes the weights an epoch produces."""
+SMALL_FILE = 1 << 20  # input files up to this size are identified by their content hash
+
+
+def file_identity(path: str | Path) -> str:
+    """What identifies an input file: the hash of its content when small (gene and fold tables), else its size
+    and modification time (expression and patch files are rewritten whole by the stage that makes them, never
+    edited in place, so a new file means new data; a rewritten identical file only costs a fresh start)."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "training input not found")
+    stat = path.stat()
+    if stat.st_size <= SMALL_FILE:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
+
+
+def data_identity(dataset_dir: str | Path, data: Fold) -> dict[str, str]:
+    """The identity of every file a fold's training reads: the gene and fold tables and each training sample's
+    normalised expression and patches."""
+    dataset_dir = Path(dataset_dir)
+    files = {"genes.tsv": data.genes_tsv, "folds.tsv": dataset_dir / "folds.tsv"}
+    for sample in data.train_samples:
+        files[f"st/{sample}"] = data.st_path(sample)
+        files[f"patches/{sample}"] = data.patch_path(sample)
+    return {name: file_identity(path) for name, path in files.items()}
+
+
+def fingerprint(model: str, params: dict, cfg: dict, genes: list[str], fold: int, seed: int,
+                data: dict | None = None) -> dict:
+    """What a checkpoint must match to be resumed: everything that changes the weights an epoch produces, the
+    input data's identity (`data_identity`) included."""
     fixed_length = cfg["schedule"] == "constant" and not cfg["warmup_epochs"]
     skip = NOT_FINGERPRINTED if fixed_length else tuple(k for k in NOT_FINGERPRINTED if k != "epochs")
     fp = {
@@ -119,6 +148,7 @@ def fingerprint(model: str, params: dict, cfg: dict, genes: list[str], fold: int
         "genes": list(genes),
         "fold": int(fold),
         "seed": int(seed),
+        "data": dict(data or {}),
     }
     return json.loads(json.dumps(fp, sort_keys=True, default=str))  # plain JSON types compare reliably
 
@@ -139,7 +169,19 @@ def fingerprint_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
 
 
-def _fingerprint_hash(fp: dict) -> str:
+def _short_keys(keys: list[str], limit: int = 6) -> list[str]:
+    return keys if len(keys) <= limit else [*keys[:limit], f"{len(keys) - limit} more"]
+
+
+def _move_aside(checkpoints: Path, message: str) -> None:
+    """Keep the previous run's checkpoints (one generation) beside the new ones instead of resuming them."""
+    previous = checkpoints.with_name(checkpoints.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    checkpoints.rename(previous)
+    log.warning("%s; moved to %s, training from scratch", message, previous)
+
+
+def fingerprint_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -300,7 +342,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             params["n_pos"] = needed
         elif params["n_pos"] < needed:
             raise input_error(f"methods.{method}.params.n_pos", f"{params['n_pos']} is below the data's {needed}")
-    fp = fingerprint(model_name, params, cfg, data.genes, fold, seed)
+    fp = fingerprint(model_name, params, cfg, data.genes, fold, seed, data_identity(dataset_dir, data))
     log.info("%s fold %d: %d training spots (%s), %d validation spots, %d genes, device %s", method, fold, n_train,
              ", ".join(train_part), n_val, len(data.genes), dev)
 
@@ -326,17 +368,20 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
     if last_pt.exists():
         ckpt = load_checkpoint(last_pt)
         differ = fingerprint_diff(ckpt.get("fingerprint", {}), fp)
-        if differ:
-            raise input_error(last_pt, f"checkpoint of another configuration ({', '.join(differ)} differ); "
-                                       "delete it or use another output directory to start over")
-        if ckpt["epoch"] > cfg["epochs"]:
-            raise input_error(last_pt, f"checkpoint has {ckpt['epoch']} epochs, more than epochs={cfg['epochs']}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        state = {k: ckpt[k] for k in state}
-        log.info("%s fold %d: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
+        finished = ckpt["stopped_early"] or ckpt["epoch"] >= cfg["epochs"]
+        if differ or finished:
+            # another config or other data, or a finished run that was asked to run again (`--forcerun`, fewer
+            # epochs): the old state cannot be resumed, so it is moved aside and training starts afresh
+            why = (f"{', '.join(_short_keys(differ))} changed" if differ
+                   else f"it holds a finished run ({ckpt['epoch']} epochs)")
+            _move_aside(last_pt.parent, f"{method} fold {fold}: not resuming {last_pt} because {why}")
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            state = {k: ckpt[k] for k in state}
+            log.info("%s fold %d: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
 
     meta = {"method": method, "model_name": model_name, "params": params, "train_cfg": cfg, "genes": data.genes,
             "fold": int(fold), "seed": int(seed), "kind": model.kind, "slide_level": bool(model.slide_level),
@@ -374,7 +419,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         write_table(out_dir / "history.csv", _history_table(state["history"]))
         _save({"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                "scheduler": scheduler.state_dict(),
-               "fingerprint": fp, "fingerprint_hash": _fingerprint_hash(fp), **state}, last_pt)
+               "fingerprint": fp, "fingerprint_hash": fingerprint_hash(fp), **state}, last_pt)
         log.info("%s fold %d epoch %d: train loss %.4f, val loss %.4f%s (%.1f s)", method, fold, epoch,
                  row["train_loss"], row["val_loss"], " *" if state["best_epoch"] == epoch else "", row["seconds"])
         if state["stopped_early"]:
@@ -407,7 +452,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             "summary": summary,
             "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
             "train_samples": list(train_part), "test_samples": data.test_samples,
-            "fingerprint_hash": _fingerprint_hash(fp),
+            "fingerprint_hash": fingerprint_hash(fp),
             "provenance": provenance(),
             "wall_seconds_this_call": round(time.perf_counter() - start, 3),
         })

@@ -104,13 +104,18 @@ def extract_patches(smk) -> None:
 def train(smk) -> None:
     import torch
 
+    from cmrcnet.inference.predict import check_k_fits
     from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
 
     torch.set_num_threads(max(1, int(smk.threads)))
     method = smk.wildcards.method
+    method_cfg = training_method_cfg(smk.config, method)
+    # a retrieval model whose evaluation.k exceeds its training spots could never predict: stop before training
+    check_k_fits(Path(smk.input.genes).parent, int(smk.wildcards.fold), smk.config["evaluation"]["k"],
+                 method_cfg["model"])
     train_fold(
-        method=method, method_cfg=training_method_cfg(smk.config, method), train_cfg=smk.config["train"],
+        method=method, method_cfg=method_cfg, train_cfg=smk.config["train"],
         dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold), out_dir=Path(smk.output.model).parent,
         seed=smk.config["seed"],
     )
@@ -141,7 +146,7 @@ def evaluate(smk) -> None:
         smk.input.predictions, dict(zip(ds["samples"], smk.input.st)), dataset=dataset,
         marker_genes=ds["marker_genes"], top_genes=ev["top_genes"], protocols=ev["protocols"],
         hest_bench_n=ev["hest_bench_genes"], hest_bench_min_fraction=ev["hest_bench_min_fraction"],
-        fingerprints=smk.params.fingerprints,
+        fingerprints=smk.params.fingerprints, upstream={"genes.tsv": smk.input.genes, "folds.tsv": smk.input.folds},
     )
     write_evaluation(smk.output, scores, gene_sets, labels,
                      {**_dataset_provenance(smk, "evaluation"), "undefined_r": ev["undefined_r"]})

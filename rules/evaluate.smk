@@ -8,6 +8,9 @@ rule evaluate:
             for m, f in training_runs(w.dataset)
         ],
         st=lambda w: expand(NORMALISED, dataset=w.dataset, sample=samples(w.dataset)),
+        # predictions record the gene and fold tables they were made from; older ones are refused
+        genes=GENES,
+        folds=FOLDS,
     output:
         scores=SCORES,
         gene_sets=GENE_SET_TABLE,

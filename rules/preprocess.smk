@@ -62,5 +62,15 @@ rule folds:
         f"{LOGS}/folds/{{dataset}}.log",
     conda:
         "../envs/cmrcnet.yaml"
+    params:
+        # the scheme and the config's patients decide the folds: a change redoes them and everything after
+        settings=lambda w: json.dumps(
+            {
+                "scheme": config["datasets"][w.dataset]["folds_scheme"],
+                "patients": config["datasets"][w.dataset]["patients"],
+                "samples": samples(w.dataset),
+            },
+            sort_keys=True,
+        ),
     script:
         "../scripts/folds.py"

@@ -88,7 +88,7 @@ def test_scores_both_protocols_with_one_label_per_layer(predictions):
     assert set(heg) == {GENES[i] for i in np.argsort(-mean)[:5]}
     assert sets.loc[sets["gene_set"] == "marker", "gene"].unique().tolist() == ["G3"]
     bench = sets[sets["protocol"] == "hest-bench"]
-    assert bench["gene_set"].unique().tolist() == ["hest50"] and bench.groupby("fold")["gene"].count().eq(4).all()
+    assert bench["gene_set"].unique().tolist() == ["hest4"] and bench.groupby("fold")["gene"].count().eq(4).all()
     assert set(labels.columns) >= {"label", "method", "layer", "fold"} and len(labels) == 12
 
 

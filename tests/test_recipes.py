@@ -18,7 +18,7 @@ PAPER = REPO_ROOT / "config" / "paper.yaml"
 
 def config_with(**methods) -> dict:
     config = {"datasets": {"d": {"source": "synthetic", "technology": "visium", "samples": ["S1", "S2"]}},
-              "train": {"lr": 1.0e-4, "optimizer": "AdamW"}, "methods": methods}
+              "train": {"lr": 1.0e-4, "optimizer": "AdamW"}, "evaluation": {"k": [5]}, "methods": methods}
     validate_schema(config)
     return check_config(config)
 
@@ -133,6 +133,7 @@ def test_the_rules_train_and_predict_with_the_recipe_applied(monkeypatch):
     calls = []
     monkeypatch.setattr(cmrcnet.train, "train_fold", lambda **kw: calls.append(("train", kw)))
     monkeypatch.setattr(cmrcnet.inference.predict, "predict_fold", lambda **kw: calls.append(("predict", kw)))
+    monkeypatch.setattr(cmrcnet.inference.predict, "check_k_fits", lambda *a, **kw: None)  # needs the fold's data
     config = load_config(PAPER)
     for method in ("bleep", "stnet", "histogene", "cmrcnet"):
         workflow.train(smk(config, method))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -165,22 +166,68 @@ def test_resumed_run_ends_with_the_same_weights(dataset_dir, tmp_path, built):
     assert again["epochs_run"] == 3 and again["best_val_loss"] == whole["best_val_loss"]
 
 
-def test_checkpoint_of_another_configuration_is_refused(dataset_dir, tmp_path, built):
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_settings_start_afresh_instead_of_wedging(dataset_dir, tmp_path, built, caplog):
+    """A checkpoint of other settings is moved aside (one line in the log) and training starts from scratch:
+    the result is what a clean run with the new settings gives, bit for bit."""
     out = tmp_path / "out"
     run(dataset_dir, out, stop_after_epochs=2)
-    with pytest.raises(CMRCNetError, match=r"last\.pt: checkpoint of another configuration \(train\.lr differ\)"):
+    with caplog.at_level("WARNING", logger="cmrcnet"):
         run(dataset_dir, out, lr=1e-2)
-    with pytest.raises(CMRCNetError, match=r"params\.hidden, train\.batch_size differ"):
-        run(dataset_dir, out, batch_size=8, params={"hidden": 8})
-    with pytest.raises(CMRCNetError, match="checkpoint has 2 epochs, more than epochs=1"):
-        run(dataset_dir, out, epochs=1)
-    # more epochs than first planned is allowed under a constant rate: the run just continues
+    assert "train.lr changed" in caplog.text and "training from scratch" in caplog.text
+    assert (out / "checkpoints.previous" / "last.pt").is_file()
+    run(dataset_dir, tmp_path / "clean", lr=1e-2)
+    assert _same_weights(_weights(out / "best.pt"), _weights(tmp_path / "clean" / "best.pt"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        run(dataset_dir, out, batch_size=8, params={"hidden": 8}, stop_after_epochs=1)
+    assert "params.hidden" in caplog.text and "train.batch_size" in caplog.text
+
+
+def test_epochs_fewer_more_and_under_the_cosine(dataset_dir, tmp_path, built):
+    out = tmp_path / "out"
+    run(dataset_dir, out, stop_after_epochs=2)
+    # more epochs than first planned under a constant rate: the run just continues from epoch 2
     assert run(dataset_dir, out, epochs=4)["epochs_run"] == 4
-    # under the cosine schedule the number of epochs shapes every rate, so it must match
+    assert not (out / "checkpoints.previous").exists()
+    # fewer epochs than the checkpoint holds (a finished run asked again): a fresh run of that length
+    assert run(dataset_dir, out, epochs=1)["epochs_run"] == 1
+    assert load_checkpoint(out / "checkpoints.previous" / "last.pt")["epoch"] == 4
+    # under the cosine schedule the number of epochs shapes every rate: a change starts afresh
     cosine = tmp_path / "cosine"
     run(dataset_dir, cosine, schedule="cosine", epochs=3, stop_after_epochs=1)
-    with pytest.raises(CMRCNetError, match=r"train\.epochs differ"):
-        run(dataset_dir, cosine, schedule="cosine", epochs=4)
+    run(dataset_dir, cosine, schedule="cosine", epochs=4)
+    run(dataset_dir, tmp_path / "clean", schedule="cosine", epochs=4)
+    assert _same_weights(_weights(cosine / "best.pt"), _weights(tmp_path / "clean" / "best.pt"))
+
+
+def test_changed_data_starts_afresh(dataset_dir, tmp_path, built, caplog):
+    """New patches for a training sample (a replaced slide) never resume the old weights."""
+    out = tmp_path / "out"
+    run(dataset_dir, out, stop_after_epochs=2)
+    other = write_dataset(tmp_path / "other", seed=3)
+    shutil.copyfile(other / "patches" / "S1.h5", dataset_dir / "patches" / "S1.h5")
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        run(dataset_dir, out)
+    assert "data.patches/S1 changed" in caplog.text
+    run(dataset_dir, tmp_path / "clean")
+    assert _same_weights(_weights(out / "best.pt"), _weights(tmp_path / "clean" / "best.pt"))
+
+
+def test_forced_rerun_of_a_finished_run_trains_from_scratch(dataset_dir, tmp_path, built):
+    out = tmp_path / "out"
+    first = run(dataset_dir, out)
+    (out / "best.pt").unlink()  # what Snakemake does before a --forcerun
+    again = run(dataset_dir, out)
+    assert again["epochs_run"] == 3 and again["best_val_loss"] == first["best_val_loss"]
+    assert (out / "checkpoints.previous" / "last.pt").is_file() and (out / "best.pt").is_file()
 
 
 def test_cosine_schedule_resumes_bit_identical_and_logs_its_rates(dataset_dir, tmp_path, built):
@@ -318,3 +365,28 @@ def test_real_models_learn_on_synthetic_slides(synthetic_dir, tmp_path, name):
         assert summary["best_val_loss"] < 0.9 * mean_baseline, (summary["best_val_loss"], mean_baseline)
     else:
         assert summary["best_val_loss"] < 0.85 * summary["first_val_loss"]
+
+
+def test_prediction_records_its_tables_and_refuses_a_model_of_older_tables(dataset_dir, tmp_path):
+    """A model is only ever applied to the gene and fold tables it was trained with; its predictions carry
+    their tables' identity, so scoring can check it (tests/test_reruns.py)."""
+    import json
+
+    import anndata as ad
+
+    from cmrcnet.inference.predict import predict_fold
+    from cmrcnet.train import file_identity
+
+    run(dataset_dir, tmp_path / "out", epochs=1)
+    model = tmp_path / "out" / "best.pt"
+    predict_fold(model_path=model, dataset_dir=dataset_dir, fold=0, out_path=tmp_path / "p.h5ad", method="tiny",
+                 device="cpu")
+    info = json.loads(ad.read_h5ad(tmp_path / "p.h5ad").uns["cmrcnet"])
+    assert info["inputs"] == {"genes.tsv": file_identity(dataset_dir / "genes.tsv"),
+                              "folds.tsv": file_identity(dataset_dir / "folds.tsv")}
+    folds = dataset_dir / "folds.tsv"
+    folds.write_text(folds.read_text() + "\n")
+    with pytest.raises(CMRCNetError, match=r"best\.pt: trained on another folds\.tsv"):
+        predict_fold(model_path=model, dataset_dir=dataset_dir, fold=0, out_path=tmp_path / "q.h5ad",
+                     method="tiny", device="cpu")
+    assert not (tmp_path / "q.h5ad").exists()

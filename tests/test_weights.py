@@ -258,6 +258,7 @@ def test_paper_plan_fetches_two_weights_for_the_bleep_and_stnet_jobs_only():
 def test_fetch_weights_runs_as_a_localrule_and_feeds_training(hub, tmp_path):
     config = {
         "datasets": {"tiny": {"source": "synthetic", "technology": "visium", "samples": ["V1", "V2"]}},
+        "evaluation": {"k": [5]},  # a fold trains on one sample: fewer spots than the default k of 500
         "methods": {"bleep": {"model": "bleep", "recipe": "original", "params": {"encoder": "test_resnet"}},
                     "stnet": {"model": "stnet", "params": {"encoder": "test_resnet"}}},
     }

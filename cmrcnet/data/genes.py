@@ -53,12 +53,28 @@ def _counts_are_raw(adata, path) -> None:
         raise input_error(path, "X does not hold raw integer counts (negative or fractional values found)")
 
 
-def sample_hvgs(adata, n_top: int, flavor: str, min_spots: int) -> list[str]:
+def _total_counts(adata) -> float:
+    X = adata.X
+    return float(X.sum()) if sp.issparse(X) else float(np.asarray(X).sum())
+
+
+def _has_counts(adata, path, what: str) -> None:
+    """A sample whose counts are all zero has no expression to select genes by or learn from: stop at once,
+    naming the file, rather than train on it and fail when scoring."""
+    if _total_counts(adata) == 0:
+        raise input_error(path, f"no counts: the {adata.n_obs} {what} x {adata.n_vars} genes are all zero "
+                                "(an empty or failed sample?); remove it from the dataset's samples")
+
+
+def sample_hvgs(adata, n_top: int, flavor: str, min_spots: int, where: str | Path = "sample") -> list[str]:
     """Top highly variable genes of one sample's in-tissue spots (log-normalised copy)."""
     import scanpy as sc
 
     ad = adata.copy()
     sc.pp.filter_genes(ad, min_cells=max(min_spots, 1))
+    if ad.n_vars == 0:
+        raise input_error(where, f"no gene is detected in at least {max(min_spots, 1)} in-tissue spots "
+                                 f"(genes.min_spots) of its {adata.n_obs}; highly variable genes cannot be chosen")
     sc.pp.normalize_total(ad)
     sc.pp.log1p(ad)
     n_top = min(n_top, ad.n_vars)
@@ -91,16 +107,20 @@ def select_genes(
         raise input_error("panel_controls", f"unknown value {panel_controls!r}; use drop or keep")
     if len(st_files) == 0:
         raise input_error(f"dataset {dataset}", "no samples to select genes from")
+    if method == "hvg_union" and (isinstance(n_top_hvg, bool) or not isinstance(n_top_hvg, (int, np.integer))
+                                  or n_top_hvg < 1):
+        raise input_error("n_top_hvg", f"must be a whole number of genes of at least 1, got {n_top_hvg!r}")
     patterns = list(control_probe_patterns)
     shared: set[str] | None = None
     hvg_counts: dict[str, int] = {}
     for sample, path in st_files.items():
         adata = _in_tissue(read_st(path), path)
         _counts_are_raw(adata, path)
+        _has_counts(adata, path, "in-tissue spots")
         genes = set(adata.var_names)
         shared = genes if shared is None else shared & genes
         if method == "hvg_union":
-            for gene in sample_hvgs(adata, n_top_hvg, hvg_flavor, min_spots):
+            for gene in sample_hvgs(adata, n_top_hvg, hvg_flavor, min_spots, where=path):
                 hvg_counts[gene] = hvg_counts.get(gene, 0) + 1
             log.info("%s: %d highly variable genes", sample, n_top_hvg)
     assert shared is not None
@@ -149,7 +169,12 @@ def read_gene_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise input_error(path, "gene table not found")
-    table = pd.read_csv(path, sep="\t")
+    hint = "a tab-separated text file with a 'gene' column, as `cmrcnet select-genes` writes (genes.tsv)"
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        kind = " (this is an .h5ad, not a gene table)" if path.suffix == ".h5ad" else ""
+        raise input_error(path, f"not a gene table{kind}: expected {hint} ({type(exc).__name__})") from None
     if "gene" not in table.columns or table["gene"].isna().any() or not table["gene"].is_unique:
         raise input_error(path, "gene table needs a 'gene' column of unique names")
     return table
@@ -174,9 +199,13 @@ def normalise_sample(
     """
     import scanpy as sc
 
+    if target_sum is not None and (isinstance(target_sum, bool) or not np.isfinite(target_sum) or target_sum <= 0):
+        raise input_error("normalise.target_sum", f"must be a positive number (or null for the median library "
+                                                  f"size), got {target_sum!r}")
     genes = list(read_gene_table(genes_tsv)["gene"])
     adata = _spots(read_st(st_file), st_file, spots)
     _counts_are_raw(adata, st_file)
+    _has_counts(adata, st_file, "in-tissue spots" if spots == "in_tissue" else "spots")
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

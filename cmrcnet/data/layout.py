@@ -7,6 +7,7 @@ centres), `wsis/ID.tif` (pyramidal TIFF) and `metadata/ID.json`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +47,23 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-def metadata_pixel_size_um(meta: dict) -> float | None:
-    """HEST's pixel size from the metadata; the estimated value is the one HEST recommends."""
+def metadata_pixel_size_um(meta: dict, where: str | Path = "metadata") -> float | None:
+    """HEST's pixel size from the metadata; the estimated value is the one HEST recommends.
+
+    The first key present (not null) decides: a value that is not a positive finite number is a one-line error
+    naming `where` (the metadata file) and the key, never a silent fall-back to the TIFF tags, which may
+    disagree with it. None when neither key is given."""
     for key in PIXEL_SIZE_KEYS:
-        value = meta.get(key)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
+        raw = meta.get(key)
+        if raw is None:
             continue
-        if np.isfinite(value) and value > 0:
-            return value
+        try:
+            value = float(raw) if not isinstance(raw, bool) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (np.isfinite(value) and value > 0):
+            raise input_error(where, f"{key}: {raw!r} is not a pixel size (a positive number of um per pixel)")
+        return value
     return None
 
 
@@ -86,7 +94,7 @@ def tiff_pixel_size_um(path: str | Path) -> float | None:
 
 def pixel_size_um(meta: dict, metadata_file: str | Path, wsi_file: str | Path) -> float:
     """Full-resolution pixel size: metadata first, TIFF tags second, otherwise a clear error."""
-    value = metadata_pixel_size_um(meta)
+    value = metadata_pixel_size_um(meta, metadata_file)
     if value is None:
         try:
             value = tiff_pixel_size_um(wsi_file)
@@ -124,14 +132,46 @@ def read_st(path: str | Path):
         raise input_error(path, "spot barcodes (obs_names) are not unique")
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
+    if "in_tissue" in adata.obs:  # one type (0/1) for every reader, whatever the file stores; checked here
+        adata.obs["in_tissue"] = in_tissue_values(adata.obs["in_tissue"], path).astype(int)
     return adata
 
 
-def in_tissue_mask(adata) -> np.ndarray:
+IN_TISSUE_TRUE = ("1", "true")
+IN_TISSUE_FALSE = ("0", "false")
+
+
+def in_tissue_values(values, where: str | Path = "obs['in_tissue']") -> np.ndarray:
+    """`obs['in_tissue']` as booleans: 0/1 numbers, booleans, or the strings "1"/"0"/"True"/"False" (any case,
+    as some exports store it); anything else is a one-line error naming `where`."""
+    import pandas as pd
+
+    array = np.asarray(values)
+    if array.dtype.kind == "b":
+        return array.astype(bool)
+    if array.dtype.kind in "iuf" and np.isin(array, (0, 1)).all():  # the usual 0/1 column
+        return array == 1
+    series = pd.Series(array.astype(object))
+    if series.map(lambda v: isinstance(v, (bool, np.bool_))).all():
+        return series.to_numpy(dtype=bool)
+    numeric = pd.to_numeric(series, errors="coerce")
+    text = series.map(lambda v: str(v).strip().lower() if isinstance(v, str) else None)
+    is_true = numeric.eq(1) | text.isin(IN_TISSUE_TRUE)
+    is_false = numeric.eq(0) | text.isin(IN_TISSUE_FALSE)
+    bad = ~(is_true | is_false)
+    if bad.any():
+        shown = ", ".join(list(dict.fromkeys(repr(v) for v in series[bad].tolist()))[:3])
+        n = int(bad.sum())
+        raise input_error(where, f"obs['in_tissue'] holds {n} value{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} "
+                                 f"not 0/1 or True/False (e.g. {shown})")
+    return is_true.to_numpy(dtype=bool)
+
+
+def in_tissue_mask(adata, where: str | Path = "obs['in_tissue']") -> np.ndarray:
     """Spots on tissue; all spots when the data carries no `in_tissue` column (e.g. Xenium pseudo-spots)."""
     if "in_tissue" not in adata.obs:
         return np.ones(adata.n_obs, dtype=bool)
-    return np.asarray(adata.obs["in_tissue"]).astype(int) == 1
+    return in_tissue_values(adata.obs["in_tissue"], where)
 
 
 SPOT_SETS = ("in_tissue", "all")

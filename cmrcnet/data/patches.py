@@ -24,6 +24,27 @@ from cmrcnet.io import atomic_path, write_table
 
 LOGGER = logging.getLogger("cmrcnet")
 BATCH = 64  # patches held in memory before a write
+MIN_PATCH_PX = 16  # as patches.size_px in config/schema.yaml
+# As patches.um_per_px's maximum in config/schema.yaml: at 100 um/px one pixel is larger than a Visium spot (55 um)
+# and a 224-px patch spans 22 mm, more than a Visium capture area; larger values are a unit mistake (mm, nm).
+MAX_UM_PER_PX = 100.0
+# The largest slide region one patch may read (RGB bytes): beyond it the slide has no pyramid level coarse enough
+# for the requested resolution, and reading would exhaust memory rather than fail.
+MAX_REGION_BYTES = 1 << 30
+
+
+def check_patch_settings(patch_px, um_per_px, size_key: str = "patches.size_px",
+                         um_key: str = "patches.um_per_px") -> None:
+    """One-line errors naming the setting for a patch size or resolution no slide can give."""
+    if isinstance(patch_px, bool) or not isinstance(patch_px, (int, np.integer)) or patch_px < MIN_PATCH_PX:
+        raise input_error(size_key, f"must be a whole number of pixels, at least {MIN_PATCH_PX}; got {patch_px!r}")
+    try:
+        um = float(um_per_px)
+    except (TypeError, ValueError):
+        um = float("nan")
+    if isinstance(um_per_px, bool) or not (0 < um <= MAX_UM_PER_PX):
+        raise input_error(um_key, f"must be a resolution above 0 and at most {MAX_UM_PER_PX:g} um per pixel "
+                                  f"(the paper: 0.5); got {um_per_px!r}")
 
 
 def _resize(region: np.ndarray, size: int) -> np.ndarray:
@@ -63,8 +84,7 @@ def extract_patches(
     start = time.perf_counter()
     if off_slide not in ("pad", "drop"):
         raise ValueError(f"off_slide must be 'pad' or 'drop', got {off_slide!r}")
-    if patch_px <= 0 or um_per_px <= 0:
-        raise ValueError("patch_px and um_per_px must be positive")
+    check_patch_settings(patch_px, um_per_px)
 
     adata = layout.read_st(st)
     keep = layout.spot_mask(adata, spots)
@@ -88,6 +108,10 @@ def extract_patches(
         level = slide.best_level(scale)
         lvl = slide.levels[level]
         window = max(1, round(window0 / lvl.downsample))  # patch side in pixels of the level read
+        if 3 * window**2 > MAX_REGION_BYTES:
+            raise input_error(wsi, f"a {patch_px}-px patch at {um_per_px:g} um/px would read a {window} x {window} px "
+                                   f"region ({3 * window**2 / 2**30:.1f} GiB) from level {level}, the coarsest the "
+                                   f"slide has for it; lower patches.um_per_px or patches.size_px")
         # Spots are visited in (y, x) order, so the tiles in use are one band of tile rows as tall as a
         # window: cache that band, and each tile is decoded about once whatever the spot layout.
         slide.tile_cache_size = lvl.segments_across * (-(-window // lvl.segment_height) + 2)

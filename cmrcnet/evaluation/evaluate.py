@@ -55,25 +55,34 @@ def bench_genes_of(normalised: Mapping[str, str | Path], n: int, min_fraction: f
     for sample, path in normalised.items():
         adata = ad.read_h5ad(path)
         samples[sample] = (adata.X, list(adata.var_names))
-    return hest_bench_genes(samples, n=n, min_fraction=min_fraction, where=f"{dataset}: HEST-bench genes")
+    return hest_bench_genes(samples, n=n, min_fraction=min_fraction,
+                            where=f"{dataset}: HEST-bench genes (evaluation.hest_bench_genes = {n})")
 
 
 def evaluate_dataset(prediction_paths: Sequence[str | Path], normalised: Mapping[str, str | Path], *, dataset: str,
                      marker_genes: Sequence[str] = (), top_genes: Sequence[int] = (50, 150, 250),
                      protocols: Sequence[str] = ("paper", "hest-bench"), hest_bench_n: int = 50,
                      hest_bench_min_fraction: float = 0.1, fingerprints: Mapping[str, str] | None = None,
+                     upstream: Mapping[str, str | Path] | None = None,
                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(scores, gene_sets, labels) of every prediction of one dataset, in the formats of `metrics`.
 
     All files must predict the same genes, and no label may score the same fold twice: mixing predictions
     from two gene selections or two configs would average incomparable numbers. With `fingerprints`
-    ({method: cmrcnet.config.run_fingerprint}), a file made under another config is refused.
+    ({method: cmrcnet.config.run_fingerprint}), a file made under another config is refused; with `upstream`
+    ({"genes.tsv": path, "folds.tsv": path}), a file made from other gene or fold tables than these is refused
+    (each prediction records the identity of the tables it was made from), so no stale file is scored.
     """
+    from cmrcnet.train import file_identity
+
+    current = {name: file_identity(p) for name, p in (upstream or {}).items()}
     if not prediction_paths:
         raise input_error(dataset, "no prediction files to evaluate")
-    bench = None
+    bench, bench_set = None, None
     if "hest-bench" in protocols:
         bench = bench_genes_of(normalised, hest_bench_n, hest_bench_min_fraction, dataset)
+        bench_set = f"hest{len(bench)}"  # the real count: fewer genes may qualify than evaluation.hest_bench_genes
+        log.info("%s: HEST-bench on %d fixed genes (gene set %s)", dataset, len(bench), bench_set)
     scores, sets, label_rows = [], [], []
     genes_ref, seen = None, set()
     for path in prediction_paths:
@@ -88,6 +97,11 @@ def evaluate_dataset(prediction_paths: Sequence[str | Path], normalised: Mapping
         if fingerprints is not None and info.get("fingerprint") != fingerprints.get(method):
             raise input_error(path, f"made under another config (fingerprint {info.get('fingerprint')}, this config "
                                     f"{fingerprints.get(method)}); delete it or rerun with `--forcerun predict`")
+        made_from = info.get("inputs") or {}
+        for name, identity in current.items():
+            if made_from.get(name) != identity:
+                raise input_error(path, f"predicted from another {name} than {upstream[name]} (the tables changed "
+                                        "since); rerun the pipeline, or `--forcerun predict`")
         truth = np.asarray(adata.X, dtype=np.float64)
         spot_samples = adata.obs["sample"].astype(str).to_numpy()
         for layer, label in labels.items():
@@ -103,7 +117,7 @@ def evaluate_dataset(prediction_paths: Sequence[str | Path], normalised: Mapping
                 sets.append(g)
             if bench is not None:
                 s, g = score_hest_bench(truth, pred, genes, dataset=dataset, method=label, fold=fold,
-                                        bench_genes=bench, where=where)
+                                        bench_genes=bench, gene_set=bench_set, where=where)
                 scores.append(s)
                 sets.append(g)
             label_rows.append({"label": label, "method": method, "layer": layer, "fold": fold})

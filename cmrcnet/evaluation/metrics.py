@@ -28,6 +28,9 @@ NAN_REASONS = ("", "constant truth", "constant prediction", "constant truth and 
 # float32 and averaged (retrieval over identical neighbours) differs only by rounding, and r on rounding noise
 # would be a random number rather than a score.
 CONSTANT_RTOL = 1e-6
+# A test sample with fewer spots than this gives a noisy r per gene, yet the paper's protocol averages it with the
+# same weight as a sample of thousands of spots: it is scored, with a warning naming it.
+MIN_TEST_SPOTS = 10
 
 
 def _as_matrix(x, name: str, where: str) -> np.ndarray:
@@ -239,6 +242,9 @@ def score_paper_protocol(truth, pred, genes: Sequence[str], spot_samples: Sequen
     for sample in sorted(set(spot_samples)):
         mask = spot_samples == sample
         here = f"{where} sample {sample}"
+        if mask.sum() < MIN_TEST_SPOTS:
+            log.warning("%s: only %d spots (fewer than %d); its r per gene is noisy but enters the fold's mean with "
+                        "the same weight as every other test sample", here, int(mask.sum()), MIN_TEST_SPOTS)
         r, reason = pearson_per_gene(t[mask], p[mask], where=here, genes=genes)
         mean, var = column_stats(t[mask])
         scores.append(_scores_frame("paper", dataset, method, fold, sample, genes, r, reason, mean, var))

@@ -8,6 +8,7 @@ an undefined r entered its means (column `undefined_r`, and the Markdown note).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from importlib import resources
@@ -16,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from cmrcnet.io import atomic_path, write_table
+
+log = logging.getLogger("cmrcnet")
 
 CMRCNET_DEFAULTS = {"recon_loss": "mse", "mask_rate": 0.5, "recon_target": "image"}
 
@@ -271,6 +274,41 @@ def gene_counts(genes_tsvs: Mapping[str, str | Path], config: dict) -> list[dict
     return rows
 
 
+def missing_sets_note(summary: pd.DataFrame, sets: list[str], config: dict) -> str:
+    """Why a table's gene-set column shows "-": one clause per paper-protocol set a scored dataset lacks, e.g.
+    "HEG50 not computed: evaluation.top_genes has no 50". Empty when every set was computed."""
+    datasets = list(dict.fromkeys(summary["dataset"].astype(str))) if not summary.empty else []
+    paper = summary[summary["protocol"] == "paper"] if not summary.empty else summary
+    have = {(str(d), str(g)) for d, g in zip(paper.get("dataset", []), paper.get("gene_set", []))}
+    sizes = {int(n) for n in config.get("evaluation", {}).get("top_genes", [])}
+    if datasets and "paper" not in config.get("evaluation", {}).get("protocols", ["paper"]):
+        return "the paper protocol is not in evaluation.protocols"
+    clauses = []
+    for gs in sets:
+        lacking = [d for d in datasets if (d, gs) not in have]
+        if not lacking:
+            continue
+        if gs == "marker":
+            reasons = []
+            for d in lacking:
+                markers = (config.get("datasets", {}).get(d) or {}).get("marker_genes") or []
+                reasons.append(f"{d} lists no marker_genes" if not markers else
+                               f"none of {d}'s marker genes ({', '.join(markers)}) is measured")
+            clauses.append(f"marker not computed: {'; '.join(reasons)}")
+        elif gs[:3] in ("HEG", "HVG") and gs[3:].isdigit() and int(gs[3:]) not in sizes:
+            clauses.append(f"{gs} not computed: evaluation.top_genes has no {gs[3:]}")
+        else:
+            clauses.append(f"{gs} not computed for {', '.join(lacking)}")
+    return "; ".join(clauses)
+
+
+def _with_reasons(note: str, why: str) -> str:
+    """A table note followed by the reasons for its "-" columns, if any."""
+    if not why:
+        return note
+    return f"{note.rstrip('.')}. \"-\": {why}."
+
+
 def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.DataFrame, config: dict, *,
                  n_boot: int = 1000, seed: int = 0) -> tuple[dict, dict[str, pd.DataFrame]]:
     """Every results table from the concatenated scores of all datasets.
@@ -288,7 +326,9 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
     summary = summarise(scores, gene_sets, n_boot=n_boot, seed=seed, undefined_r=undefined_r)
     main = main_labels(labels)
     main_scores = scores[scores["method"].isin(main)]
-    wilcoxon = wilcoxon_between_methods(main_scores, gene_sets, gene_set=MAIN_SETS + ["hest50"],
+    hest_sets = sorted(set(summary.loc[summary["protocol"] == "hest-bench", "gene_set"].astype(str)),
+                       key=lambda g: (len(g), g))  # hest{n}: n = the genes that qualified, per dataset
+    wilcoxon = wilcoxon_between_methods(main_scores, gene_sets, gene_set=MAIN_SETS + hest_sets,
                                         undefined_r=undefined_r).assign(undefined_r=undefined_r)
     best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5, undefined_r=undefined_r) \
         if not main_scores.empty else pd.DataFrame()
@@ -310,19 +350,32 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
             key = table["dataset"].map(dataset_rank).fillna(len(dataset_rank)) * (len(label_rank) + 1) + key
         return table.iloc[key.argsort(kind="stable")].reset_index(drop=True).assign(undefined_r=undefined_r)
 
+    why = {name: missing_sets_note(summary, sets, config) for name, sets in
+           (("main", MAIN_SETS), ("extended", EXTENDED_SETS), ("top50", ["HEG50", "HVG50"]))}
+    for text in dict.fromkeys(v for v in why.values() if v):
+        log.warning("tables: %s; those columns show \"-\"", text)
+    n_bench = config["evaluation"].get("hest_bench_genes", 50)
+    hest_columns = hest_sets or [f"hest{n_bench}"]
+    fewer = [g for g in hest_sets if g[4:].isdigit() and int(g[4:]) < n_bench]
+    hest_note = (f" Fewer genes than evaluation.hest_bench_genes ({n_bench}) qualify in some datasets; each set is "
+                 f"named by its real count ({', '.join(fewer)})." if fewer else "")
     paper_tables = {
         "table1_top50": (in_order(table1(summary, labels, ks)), MAIN_SETS, "Table 1: top-50 HEG, HVG and marker genes",
-                         f"{note}. Retrieval methods at k = {min(ks)} and {max(ks)}."),
+                         _with_reasons(f"{note}. Retrieval methods at k = {min(ks)} and {max(ks)}.", why["main"])),
         "table2_extended": (in_order(table2(summary, labels)), EXTENDED_SETS, "Table 2: top-150 and top-250 HEG and HVG",
-                            f"{note}. The paper pairs top-150 with k = 250 and top-250 with k = 500."),
+                            _with_reasons(f"{note}. The paper pairs top-150 with k = 250 and top-250 with k = 500.",
+                                          why["extended"])),
         "table4_foundation": (in_order(table4(summary, labels, max(ks))), ["HEG50", "HVG50"],
                               f"Table 4: frozen foundation model vs CMRCNet (k = {max(ks)})",
-                              f"{note}. Empty until the config has a method with `model: foundation`."),
+                              _with_reasons(f"{note}. Empty until the config has a method with `model: foundation`.",
+                                            why["top50"])),
         "table5_ablation": (in_order(table5(summary, labels, ablation_k)), MAIN_SETS,
-                            f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)", note),
-        "hest_bench": (in_order(hest_bench_table(summary, labels)), ["hest50"], "HEST-bench: 50 fixed genes",
+                            f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)",
+                            _with_reasons(note, why["main"])),
+        "hest_bench": (in_order(hest_bench_table(summary, labels)), hest_columns,
+                       f"HEST-bench: {' / '.join(g[4:] for g in hest_columns)} fixed genes",
                        "Pearson r over each fold's whole test split; no paper values exist for this protocol; "
-                       f"{UNDEFINED_R_NOTES[undefined_r]}."),
+                       f"{UNDEFINED_R_NOTES[undefined_r]}.{hest_note}"),
     }
     plain = {"summary": summary, "wilcoxon": wilcoxon, "table3_best_genes": best, "nan_counts": count_nan(scores),
              "labels": labels}

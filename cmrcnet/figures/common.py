@@ -45,6 +45,14 @@ def save_figure(fig: Figure, out_base: str | Path) -> list[Path]:
     return [png, pdf]
 
 
+def note_figure(out_base: str | Path, title: str, lines: Sequence[str]) -> list[Path]:
+    """A figure that says in words why nothing could be drawn (the outputs must exist for the pipeline)."""
+    fig = new_figure(7.0, 2.0 + 0.3 * len(lines))
+    fig.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", wrap=True)
+    fig.suptitle(title)
+    return save_figure(fig, out_base)
+
+
 def close_figure(fig: Figure) -> None:
     """Release a figure; only pyplot keeps references to figures, so only it needs telling."""
     pyplot = sys.modules.get("matplotlib.pyplot")

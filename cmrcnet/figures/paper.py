@@ -78,6 +78,21 @@ def figure_gene(config_gene: str | None, markers: Sequence[str], truth: np.ndarr
     return str(genes[int(np.argmax(truth.mean(axis=0)))])
 
 
+FIG2_SETS = ("HEG50", "HVG50", "marker")
+
+
+def missing_set_reason(gene_set: str, gene_sets: pd.DataFrame, markers: Sequence[str]) -> str:
+    """Why a paper-protocol gene set was not computed for a dataset, from what was computed and its markers."""
+    computed = set(gene_sets.loc[gene_sets["protocol"] == "paper", "gene_set"].astype(str))
+    if not computed and not gene_sets.empty:
+        return f"{gene_set} not computed: the paper protocol is not in evaluation.protocols"
+    if gene_set == "marker":
+        if not markers:
+            return "marker not computed: the dataset lists no marker_genes"
+        return f"marker not computed: none of its marker genes ({', '.join(markers)}) is measured"
+    return f"{gene_set} not computed: evaluation.top_genes has no {gene_set[3:]}"
+
+
 def dataset_figures(*, dataset: str, prediction_paths: Sequence[str | Path], scores: pd.DataFrame,
                     gene_sets: pd.DataFrame, labels: Sequence[str], histories: Mapping[str, str | Path],
                     wsis: Mapping[str, str | Path], samples: Sequence[str], out_dir: str | Path,
@@ -85,18 +100,30 @@ def dataset_figures(*, dataset: str, prediction_paths: Sequence[str | Path], sco
     """Write every figure in FIGURES (PNG + PDF) to `out_dir` for `labels` (the methods to show)."""
     from cmrcnet.evaluation.metrics import top_genes
     from cmrcnet.figures import boxplots, correlation_heatmaps, mean_variance, read_thumbnail, spatial_maps, training_curves
+    from cmrcnet.figures.common import note_figure
 
     if not labels:
         raise input_error(dataset, "no method to draw: the figures show non-ablation methods only")
     out = Path(out_dir)
     truth, preds, obs, genes = pooled_predictions(prediction_paths, labels)
     written = []
-    table = per_gene_r(scores, gene_sets, labels, ["HEG50", "HVG50", "marker"])
-    written += boxplots(table, out / "fig2_boxplots", title=f"{dataset}: per-gene Pearson r (paper protocol)",
-                        methods=list(labels), gene_sets=[s for s in ["HEG50", "HVG50", "marker"]
-                                                         if s in set(table["gene_set"])])
+    table = per_gene_r(scores, gene_sets, labels, list(FIG2_SETS))
+    drawn = [s for s in FIG2_SETS if s in set(table["gene_set"])]
+    skipped = [missing_set_reason(s, gene_sets, markers) for s in FIG2_SETS if s not in drawn]
+    for reason in skipped:  # draw what can be drawn; say what could not
+        log.warning("%s: fig2_boxplots: panel skipped, %s", dataset, reason)
+    title = f"{dataset}: per-gene Pearson r (paper protocol)"
+    if drawn:
+        written += boxplots(table, out / "fig2_boxplots", title=title, methods=list(labels), gene_sets=drawn)
+    else:
+        written += note_figure(out / "fig2_boxplots", title, ["No panel to draw:", *skipped])
     written += mean_variance(truth, preds, genes, out / "fig3_mean_variance", title=f"{dataset}: gene mean and variance")
     for by, name in (("mean", "heg"), ("var", "hvg")):
+        if len(genes) < 2:
+            reason = f"a gene-gene correlation needs 2 or more genes; the dataset has {len(genes)}"
+            log.warning("%s: fig4_heatmaps_%s: not drawn, %s", dataset, name, reason)
+            written += note_figure(out / f"fig4_heatmaps_{name}", f"{dataset}: gene-gene correlation", [reason])
+            continue
         chosen = top_genes(truth, genes, min(50, len(genes)), by=by, where=f"{dataset} figures")
         correlation_heatmaps(truth, preds, genes, chosen, out / f"fig4_heatmaps_{name}",
                              title=f"{dataset}: gene-gene correlation, top-50 {name.upper()}")

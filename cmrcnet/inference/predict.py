@@ -26,15 +26,23 @@ from cmrcnet.io import atomic_path, provenance
 log = logging.getLogger("cmrcnet")
 
 
-def load_trained_model(path: str | Path, device: torch.device):
-    """Rebuild the model a `best.pt` describes and load its weights, in eval mode."""
+def load_trained_model(path: str | Path, device: torch.device, expected_model: str | None = None):
+    """Rebuild the model a `best.pt` describes and load its weights, in eval mode.
+
+    With `expected_model` (the method's `model`), a checkpoint of another model is refused before it is built:
+    its predictions would be labelled and fingerprinted as the wrong method."""
     from cmrcnet.models import create_model
     from cmrcnet.train import load_checkpoint
 
+    if not Path(path).is_file():
+        raise input_error(path, "model checkpoint not found (training not finished?)")
     ckpt = load_checkpoint(path)
     for key in ("model", "model_name", "params", "genes"):
         if key not in ckpt:
             raise input_error(path, f"not a model checkpoint written by `cmrcnet train` (no {key!r})")
+    if expected_model is not None and ckpt["model_name"] != expected_model:
+        raise input_error(path, f"a {ckpt['model_name']} model (method {ckpt.get('method', '?')}), but the method "
+                                f"to predict is a {expected_model} model; give the checkpoint of that method")
     model = create_model(ckpt["model_name"], n_genes=len(ckpt["genes"]), **ckpt["params"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -114,20 +122,36 @@ def _test_obs(fold, part):
     return obs
 
 
+def upstream_identity(dataset_dir, data) -> dict[str, str]:
+    """The identity (`cmrcnet.train.file_identity`) of the gene and fold tables a prediction is made from:
+    stored in the prediction file, so that scoring can refuse predictions made from older tables."""
+    from cmrcnet.train import file_identity
+
+    return {"genes.tsv": file_identity(data.genes_tsv), "folds.tsv": file_identity(Path(dataset_dir) / "folds.tsv")}
+
+
 def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, ks=(50,), weighted: bool = False,
                  tta: bool = False, batch_size: int = 256, num_workers: int = 0, device: str | None = None,
-                 fingerprint: str | None = None) -> dict:
+                 fingerprint: str | None = None, expected_model: str | None = None) -> dict:
     """Predict fold `fold`'s test samples with the model in `model_path`; write the AnnData to `out_path`."""
     import anndata as ad
 
+    from cmrcnet.train import fingerprint_hash
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = load_trained_model(model_path, dev)
+    model, ckpt = load_trained_model(model_path, dev, expected_model)
     data = load_fold(dataset_dir, fold)
     if list(ckpt["genes"]) != list(data.genes):
         raise input_error(model_path, f"trained on {len(ckpt['genes'])} genes that differ from {data.genes_tsv}; "
                                       "retrain the model")
     if int(ckpt.get("fold", fold)) != int(fold):
         raise input_error(model_path, f"trained on fold {ckpt['fold']}, asked to predict fold {fold}")
+    inputs = upstream_identity(dataset_dir, data)
+    trained_on = (ckpt.get("fingerprint") or {}).get("data") or {}
+    for name, identity in inputs.items():
+        if name in trained_on and trained_on[name] != identity:
+            raise input_error(model_path, f"trained on another {name} than {Path(dataset_dir) / name}; retrain "
+                                          "the model (rerun the pipeline)")
     test = data.all_spots(data.test_samples)
     truth = data.expression(test)
     layers, labels = {}, {}
@@ -168,7 +192,8 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
             "test_samples": data.test_samples, "train_samples": data.train_samples, "labels": labels,
             "ks": list(ks) if model.kind == "retrieval" else [], "weighted": bool(weighted), "tta": bool(tta),
             "model_path": str(model_path), "best_epoch": ckpt.get("epoch"), "device": str(dev),
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "inputs": inputs,
+            "model_fingerprint": fingerprint_hash(ckpt["fingerprint"]) if ckpt.get("fingerprint") else None}
     result.uns["labels"] = labels
     result.uns["cmrcnet"] = json.dumps({**info, "provenance": provenance()}, default=str)
     with atomic_path(out_path) as tmp:
@@ -176,3 +201,17 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
     log.info("%s fold %d: %d test spots of %s predicted (%s)", method, fold, result.n_obs,
              ", ".join(data.test_samples), ", ".join(labels.values()))
     return info
+
+
+def check_k_fits(dataset_dir, fold: int, ks, model_name: str) -> None:
+    """Before a retrieval model trains: `evaluation.k` must not exceed the fold's training spots (every training
+    spot is a reference), or the whole training would be wasted on a prediction that cannot be made."""
+    from cmrcnet.config import RETRIEVAL_MODELS
+
+    if model_name not in RETRIEVAL_MODELS or not ks:
+        return
+    data = load_fold(dataset_dir, fold)
+    n_ref = sum(len(idx) for idx in data.all_spots(data.train_samples).values())
+    if max(ks) > n_ref:
+        raise input_error(f"evaluation.k ({max(ks)})", f"more neighbours than the {n_ref} training spots of fold "
+                                                       f"{fold} ({', '.join(data.train_samples)}); lower evaluation.k")
