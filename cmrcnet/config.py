@@ -156,9 +156,9 @@ def _check_k_fits_synthetic(config: dict, dataset: str, where) -> None:
     per_sample = synthetic_spots_per_sample(ds)
     bound = n_train * per_sample
     if max(ks) > bound:
-        spec = ds.get("synthetic") or {}
+        spec, plural = ds.get("synthetic") or {}, "s" if n_train != 1 else ""
         raise input_error(where, f"evaluation.k: {max(ks)} neighbours, but a fold of dataset {dataset} trains on at "
-                                 f"most {bound} spots ({n_train} samples x {per_sample} spots of "
+                                 f"most {bound} spots ({n_train} sample{plural} x {per_sample} spots of "
                                  f"{spec.get('width_um', 1600):g} x {spec.get('height_um', 1600):g} um); lower "
                                  f"evaluation.k or enlarge datasets.{dataset}.synthetic")
 

@@ -402,7 +402,7 @@ def test_k_beyond_a_synthetic_datasets_training_spots_is_refused_when_planning(t
     with pytest.raises(CMRCNetError) as err:
         load_config(path)
     assert str(err.value) == (f"{path}: evaluation.k: 500 neighbours, but a fold of dataset d1 trains on at most "
-                              f"{per_sample} spots (1 samples x {per_sample} spots of 500 x 500 um); lower evaluation.k "
+                              f"{per_sample} spots (1 sample x {per_sample} spots of 500 x 500 um); lower evaluation.k "
                               "or enlarge datasets.d1.synthetic")
     config["methods"] = {"stnet": {"model": "stnet"}}  # no retrieval method: k is not used
     load_config(config_file(tmp_path, config))
