@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import pandas as pd
@@ -78,6 +79,20 @@ def test_an_upstream_setting_reruns_its_stage_and_everything_after(done, setting
     if "genes" in setting:
         untouched -= {"normalise"}
     assert not untouched & set(jobs), jobs
+
+
+def test_a_replaced_slide_reruns_its_patches_and_everything_after(done):
+    """New data for one sample (a replaced slide): its patches, then every model trained on it; the training
+    jobs start afresh because their checkpoints belong to the old data (tests/test_train.py)."""
+    slide = done / "data" / "mini" / "wsis" / "M1.tif"
+    stat = slide.stat()
+    try:
+        os.utime(slide)  # now: newer than everything made from it, as a freshly copied slide would be
+        jobs = planned(done, MINI)
+        assert jobs.get("extract_patches") == 1 and set(jobs) >= DOWNSTREAM, jobs
+        assert not {"synthesize", "select_genes", "normalise", "folds"} & set(jobs), jobs
+    finally:
+        os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_evaluation_setting_reruns_scoring_only(done):
