@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -84,15 +84,15 @@ def test_an_upstream_setting_reruns_its_stage_and_everything_after(done, setting
 def test_a_replaced_slide_reruns_its_patches_and_everything_after(done):
     """New data for one sample (a replaced slide): its patches, then every model trained on it; the training
     jobs start afresh because their checkpoints belong to the old data (tests/test_train.py)."""
-    slide = done / "data" / "mini" / "wsis" / "M1.tif"
-    stat = slide.stat()
+    wsis = done / "data" / "mini" / "wsis"
+    original = (wsis / "M1.tif").read_bytes()
     try:
-        os.utime(slide)  # now: newer than everything made from it, as a freshly copied slide would be
+        shutil.copyfile(wsis / "M2.tif", wsis / "M1.tif")  # another slide in M1's place
         jobs = planned(done, MINI)
         assert jobs.get("extract_patches") == 1 and set(jobs) >= DOWNSTREAM, jobs
         assert not {"synthesize", "select_genes", "normalise", "folds"} & set(jobs), jobs
     finally:
-        os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        (wsis / "M1.tif").write_bytes(original)
 
 
 def test_evaluation_setting_reruns_scoring_only(done):
