@@ -63,11 +63,13 @@ def validate_schema(config: Any, where: str | Path = "config", schema_path: str 
     return config
 
 
-def check_config(config: dict, where: str | Path = "config") -> dict:
+def check_config(config: dict, where: str | Path = "config", planning: bool = True) -> dict:
     """Cross-field rules: unique samples, enough samples for cross-validation, source-specific keys.
 
     Fills derived defaults (gene selection by technology, per-dataset fold scheme, spot set and control-probe
-    patterns) in place.
+    patterns) in place. With `planning` (Snakemake's main process, the CLI) it also checks what needs heavier
+    imports (timm encoders, recipe weights, k against synthetic spot counts); a cluster job's own Snakemake
+    process, which re-reads the workflow for every job, skips them: they were checked when the run was planned.
     """
     seen: dict[str, str] = {}
     for name, ds in config["datasets"].items():
@@ -97,12 +99,14 @@ def check_config(config: dict, where: str | Path = "config") -> dict:
         if unknown:
             raise input_error(where, f"methods.{name}.datasets: unknown datasets {', '.join(unknown)}; "
                                      f"known: {', '.join(config['datasets'])}")
+        if not planning:
+            continue
         _check_encoder(method, f"methods.{name}.params.encoder", where)
         if method.get("recipe", "paper") != "paper":  # a recipe that needs weights must name fetchable ones
             from cmrcnet.recipes import effective_method
 
             effective_method(config, name, where=where)
-    for name in config["datasets"]:
+    for name in config["datasets"] if planning else ():
         _check_k_fits_synthetic(config, name, where)
     return config
 

@@ -25,7 +25,8 @@ CONFIG_NAME = ", ".join(map(str, workflow.config_settings.configfiles)) or "conf
 try:
     validate_schema(config, where=CONFIG_NAME)
     validate(config, schema="../config/schema.yaml")
-    check_config(config, where=CONFIG_NAME)
+    # the checks that import timm run once, when the run is planned, not again in every cluster job
+    check_config(config, where=CONFIG_NAME, planning=workflow.is_main_process)
     # fold ids are planned from the config alone, so training jobs exist before any data does
     FOLD_IDS = {ds: planned_folds(config, ds) for ds in config["datasets"]}
     # each method's settings with its recipe applied (pretrained weights, optimiser, test-time averaging)
