@@ -17,6 +17,7 @@ import torch
 import yaml
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
+from test_hest import hub_env  # noqa: F401 - the isolated-hub fixture is shared
 
 from cmrcnet.config import REPO_ROOT
 from cmrcnet.errors import CMRCNetError
@@ -31,24 +32,6 @@ TOKEN = "hf_FAKEweightsTOKEN1234567890"
 NO_TERMS_TOKEN = "hf_FAKEnoTERMSweights0987654321"
 
 
-@pytest.fixture
-def hub_env(tmp_path, monkeypatch):
-    """Isolate huggingface_hub (no real token, no Xet, no shared cache); returns a function pointing it at a URL."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
-
-    def point_at(url: str) -> None:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        monkeypatch.setattr(constants, "ENDPOINT", url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-
-    return point_at
 
 
 def write_weight_repo(repo: Path) -> Path:
@@ -66,7 +49,7 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture
-def hub(tmp_path, hub_env):
+def hub(tmp_path, hub_env):  # noqa: F811
     """A public model repo, as timm's ImageNet weights are."""
     write_weight_repo(tmp_path / "repo")
     with FakeHub(tmp_path / "repo", REPO, {TOKEN: ACCEPTED}, repo_type="model", gated=False) as server:
@@ -75,7 +58,7 @@ def hub(tmp_path, hub_env):
 
 
 @pytest.fixture
-def gated_hub(tmp_path, hub_env):
+def gated_hub(tmp_path, hub_env):  # noqa: F811
     write_weight_repo(tmp_path / "repo")
     with FakeHub(tmp_path / "repo", REPO, {TOKEN: ACCEPTED, NO_TERMS_TOKEN: NO_TERMS}, repo_type="model") as server:
         hub_env(server.url)
