@@ -74,6 +74,7 @@ def write_patches(path: Path, img: np.ndarray, barcodes: list[str]) -> None:
         h5.create_dataset("img", data=img, chunks=(1, px, px, 3))
         h5.create_dataset("barcode", data=np.array([b.encode() for b in barcodes]).reshape(n, 1))
         h5.create_dataset("coords", data=np.zeros((n, 2), dtype=np.int64))
+        h5.attrs.update({"um_per_px": 0.5, "patch_size_px": px})  # as extract_patches writes them
 
 
 @pytest.fixture

@@ -194,3 +194,78 @@ def test_gene_count_other_than_the_papers_warns(tmp_path, caplog):
         select_genes({"S1": s1, "S2": s2}, tmp_path / "g.tsv", method="panel", dataset="IDC",
                      control_probe_patterns=CONTROLS, paper_n_genes=500)
     assert "dataset IDC: 3 genes selected, the paper used 500 (-497)" in caplog.text
+
+
+def test_hvg_union_leaves_out_a_variable_gene_another_sample_does_not_measure(tmp_path, caplog):
+    """G010 is S1's one highly variable gene, but S2 lacks it: only S2's G040 is measured by both."""
+    s1 = hvg_sample(1, ["G010"])
+    s2 = hvg_sample(2, ["G040"])
+    s2 = s2[:, [g for g in s2.var_names if g != "G010"]].copy()
+    p1, p2 = write(tmp_path, "S1", s1), write(tmp_path, "S2", s2)
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        table = select_genes({"S1": p1, "S2": p2}, tmp_path / "g.tsv", method="hvg_union", dataset="d",
+                             n_top_hvg=1)
+    assert list(table.gene) == ["G040"]
+    assert list(read_gene_table(tmp_path / "g.tsv").gene) == ["G040"]
+    assert "dataset d: 1 highly variable genes are not measured in every sample" in caplog.text
+    # the order of the samples does not matter
+    table = select_genes({"S2": p2, "S1": p1}, tmp_path / "g2.tsv", method="hvg_union", dataset="d", n_top_hvg=1)
+    assert list(table.gene) == ["G040"]
+
+
+def test_gene_table_source_says_where_each_gene_came_from(tmp_path):
+    """hvg_union: an HVG is 'hvg_union' (a marker too when it is one), a marker that no sample found variable
+    is 'marker'; panel: every gene is 'panel'. Worked by hand, gene by gene."""
+    p1 = write(tmp_path, "S1", hvg_sample(1, ["G010"]))
+    p2 = write(tmp_path, "S2", hvg_sample(2, ["G020"]))
+    table = select_genes({"S1": p1, "S2": p2}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=1,
+                         marker_genes=["G020", "G100", "NOT_MEASURED"])
+    expected = pd.DataFrame({"gene": ["G010", "G020", "G100"],
+                             "source": ["hvg_union", "hvg_union", "marker"],
+                             "n_samples_hvg": [1, 1, 0],
+                             "is_marker": [False, True, True]})
+    pd.testing.assert_frame_equal(table.reset_index(drop=True), expected)
+    written = read_gene_table(tmp_path / "g.tsv")
+    pd.testing.assert_frame_equal(written, expected)  # the file says the same
+
+    q1 = write(tmp_path, "P1", make_counts_adata(genes=("A", "B", "BLANK_1", "C"), seed=1))
+    q2 = write(tmp_path, "P2", make_counts_adata(genes=("A", "B", "BLANK_1", "C"), seed=2))
+    panel = select_genes({"P1": q1, "P2": q2}, tmp_path / "p.tsv", method="panel", dataset="d",
+                         control_probe_patterns=CONTROLS, marker_genes=["B"])
+    expected = pd.DataFrame({"gene": ["A", "B", "C"], "source": ["panel", "panel", "panel"],
+                             "n_samples_hvg": [0, 0, 0], "is_marker": [False, True, False]})
+    pd.testing.assert_frame_equal(panel.reset_index(drop=True), expected)
+    pd.testing.assert_frame_equal(read_gene_table(tmp_path / "p.tsv"), expected)
+
+
+def _rare_genes_sample():
+    """60 in-tissue + 10 off-tissue spots; A-D expressed nearly everywhere, R4 in exactly 4 in-tissue spots (and
+    3 off tissue), R5 in exactly 5 in-tissue spots, R6 in exactly 6."""
+    in_tissue = np.r_[np.ones(60, int), np.zeros(10, int)]
+    adata = make_counts_adata(n_spots=70, genes=("A", "B", "C", "D", "R4", "R5", "R6"), seed=5,
+                              in_tissue=in_tissue)
+    X = adata.X.toarray()
+    X[:, :4] += 1  # A-D in every spot
+    X[:, 4:] = 0
+    X[[3, 17, 29, 41], 4] = 7
+    X[[61, 63, 65], 4] = 7  # off tissue: does not count
+    X[[2, 11, 23, 37, 50], 5] = 6
+    X[[5, 8, 19, 33, 47, 58], 6] = 5
+    adata.X = sp.csr_matrix(X)
+    return adata
+
+
+@pytest.mark.parametrize("min_spots, expected", [
+    (1, ["A", "B", "C", "D", "R4", "R5", "R6"]),
+    (4, ["A", "B", "C", "D", "R4", "R5", "R6"]),  # R4's 4 in-tissue spots reach the threshold
+    (5, ["A", "B", "C", "D", "R5", "R6"]),        # R4 (4 < 5) dropped, R5 at exactly 5 kept
+    (6, ["A", "B", "C", "D", "R6"]),
+    (7, ["A", "B", "C", "D"]),                    # R4's 3 off-tissue spots never count: 4 in tissue, not 7
+])
+def test_min_spots_drops_genes_seen_in_fewer_in_tissue_spots(tmp_path, min_spots, expected):
+    """A gene must be detected in at least `min_spots` in-tissue spots of a sample to be a candidate HVG; with
+    n_top_hvg above the gene count every candidate is chosen, so the table is exactly the genes that pass."""
+    p1 = write(tmp_path, "S1", _rare_genes_sample())
+    table = select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=100,
+                         min_spots=min_spots)
+    assert list(table.gene) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pandas as pd
@@ -390,3 +391,107 @@ def test_prediction_records_its_tables_and_refuses_a_model_of_older_tables(datas
         predict_fold(model_path=model, dataset_dir=dataset_dir, fold=0, out_path=tmp_path / "q.h5ad",
                      method="tiny", device="cpu")
     assert not (tmp_path / "q.h5ad").exists()
+
+
+# Validation losses of epochs 1-10, scripted. Patience 3 by hand: best 4.0 at epoch 2; epochs 3, 4 worse (2 of 3);
+# epoch 5 improves (3.5, counter back to 0); epochs 6, 7, 8 worse (1, 2, 3 of 3): early stop after epoch 8, best
+# epoch 5. A counter reset to 0 on resume after epoch 6 or 7 would instead reach epoch 9 (3.0), improve, and run
+# all 10 epochs.
+SCRIPTED_VAL_LOSS = [5.0, 4.0, 4.5, 4.2, 3.5, 3.6, 3.7, 3.8, 3.0, 2.0]
+
+
+@pytest.fixture
+def scripted_val_loss(monkeypatch):
+    """The validation pass reports SCRIPTED_VAL_LOSS[epoch - 1] as its loss; training is untouched."""
+    real = train_module._run_epoch
+
+    def scripted(model, loader, optimizer, device, cfg, channels_last, desc, progress):
+        stats = real(model, loader, optimizer, device, cfg, channels_last, desc, progress)
+        if optimizer is None:
+            epoch = int(re.search(r" epoch (\d+)/", desc).group(1))
+            stats["loss"] = SCRIPTED_VAL_LOSS[epoch - 1]
+        return stats
+
+    monkeypatch.setattr(train_module, "_run_epoch", scripted)
+
+
+@pytest.mark.parametrize("killed_after, bad_epochs", [(6, 1), (7, 2)])  # 1 and 2 of 3
+def test_resuming_mid_patience_stops_where_an_uninterrupted_run_does(dataset_dir, tmp_path, built,
+                                                                    scripted_val_loss, killed_after, bad_epochs):
+    settings = {"epochs": 10, "patience": 3}
+    whole = run(dataset_dir, tmp_path / "whole", **settings)
+    assert whole["stopped_early"] and whole["epochs_run"] == 8
+    assert whole["best_epoch"] == 5 and whole["best_val_loss"] == 3.5
+
+    part = run(dataset_dir, tmp_path / "split", stop_after_epochs=killed_after, **settings)
+    assert part["epochs_run"] == killed_after and not part["complete"] and not part["stopped_early"]
+    last = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert last["bad_epochs"] == bad_epochs  # the counter travels in last.pt
+    resumed = run(dataset_dir, tmp_path / "split", **settings)
+    assert resumed["stopped_early"] and resumed["complete"]
+    assert resumed["epochs_run"] == 8 and resumed["best_epoch"] == 5 and resumed["best_val_loss"] == 3.5
+    history = pd.read_csv(tmp_path / "split" / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 9))
+    assert history["val_loss"].tolist() == SCRIPTED_VAL_LOSS[:8]
+    assert load_checkpoint(tmp_path / "split" / "best.pt")["epoch"] == 5
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["bad_epochs"] == 3
+
+
+class TinyRetrievalModel(TinySpotModel):
+    """Stand-in for CMRCNet/BLEEP: a gene tower besides the image head, so best.pt must carry a bank."""
+
+    kind = "retrieval"
+
+    def __init__(self, n_genes, input_size=16, hidden=16):
+        super().__init__(n_genes, input_size, hidden)
+        self.gene = nn.Linear(n_genes, 5)
+
+    def embed_expression(self, expr):
+        return self.gene(expr)
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        out["loss"] = out["loss"] + self.gene(batch["expr"]).pow(2).mean()  # the gene tower trains too
+        return out
+
+
+@pytest.mark.parametrize("model", ["bleep", "stnet"])
+def test_deployable_model_trains_on_every_sample_and_carries_its_bank(dataset_dir, tmp_path, monkeypatch, model):
+    """Fold `all`: every sample trains, none is tested; best.pt records the patch resolution and the technology,
+    and a retrieval model's bank holds the gene-tower embedding and expression of every training spot in order."""
+    from cmrcnet.data.datasets import load_fold
+
+    monkeypatch.setattr(train_module, "build_model", lambda name, n, params: (
+        TinyRetrievalModel if name == "bleep" else TinySpotModel)(n, **params))
+    out = tmp_path / "all"
+    cfg = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "num_workers": 0, "patience": None, "val_fraction": 0.2,
+           "schedule": "constant"}
+    train_fold(method="m", method_cfg={"model": model, "params": {}}, train_cfg=cfg, dataset_dir=dataset_dir,
+               fold="all", out_dir=out, seed=0, progress=False, technology="visium")
+    info = json.loads((out / "train.json").read_text())
+    assert info["train_samples"] == ["S0", "S1", "S2"] and info["test_samples"] == []
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["fold"] == "all" and ckpt["technology"] == "visium"
+    assert ckpt["patches"] == {"um_per_px": 0.5, "size_px": 32}  # as write_patches records them
+    if model == "stnet":
+        assert "bank" not in ckpt
+        return
+    data = load_fold(dataset_dir, "all")
+    bank = ckpt["bank"]
+    expected_barcodes = [str(b) for s in ["S0", "S1", "S2"] for b in data.sample(s).barcodes]
+    assert bank["barcodes"] == expected_barcodes
+    assert bank["samples"] == [s for s in ["S0", "S1", "S2"] for _ in data.sample(s).barcodes]
+    expression = torch.from_numpy(data.expression(data.all_spots(["S0", "S1", "S2"])))
+    assert torch.equal(bank["expression"], expression)
+    tower = TinyRetrievalModel(len(data.genes))
+    tower.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        assert torch.allclose(bank["embeddings"], tower.embed_expression(expression), atol=1e-6)
+
+
+@pytest.mark.parametrize("fold", ["al", "1.5", None, True])
+def test_a_fold_is_a_number_or_all(dataset_dir, fold):
+    from cmrcnet.data.datasets import load_fold
+
+    with pytest.raises(CMRCNetError, match="fold: a fold number or 'all'"):
+        load_fold(dataset_dir, fold)

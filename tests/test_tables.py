@@ -1,0 +1,197 @@
+"""The paper tables (cmrcnet/evaluation/tables.py) on small hand-built summaries: which of our rows each table keeps,
+which paper row each is set beside, and the Markdown's "(paper x, +-diff)" text. Expected values are worked by hand
+or read straight from the paper CSVs, never from the code under test."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import cmrcnet
+from cmrcnet.evaluation.tables import label_info, table1, table2, table5, to_markdown
+
+PAPER_DATA = Path(cmrcnet.__file__).parent / "paper_data"
+NAN = math.nan
+
+CONFIG = {"methods": {
+    "stnet": {"model": "stnet", "paper_name": "STNet", "params": {}},
+    "bleep": {"model": "bleep", "paper_name": "BLEEP", "params": {}},
+    "cmrcnet": {"model": "cmrcnet", "paper_name": "CMRCNet", "params": {"mask_rate": 0.5}},
+    "cmrcnet-none": {"model": "cmrcnet", "ablation": True, "params": {"recon_loss": "none"}},
+    "cmrcnet-mask03": {"model": "cmrcnet", "ablation": True, "params": {"mask_rate": 0.3}},
+    "cmrcnet-mask07": {"model": "cmrcnet", "ablation": True, "params": {"mask_rate": 0.7}},
+}}
+
+
+def labels_for(*labels: str):
+    """label_info for labels written as the predictions name them: `stnet`, `stnet-tta`, `bleep-k50`."""
+    rows = []
+    for label in labels:
+        method, _, layer = label.rpartition("-")
+        if method in CONFIG["methods"] and (layer == "tta" or layer.startswith("k")):
+            rows.append({"label": label, "method": method, "layer": layer})
+        else:
+            rows.append({"label": label, "method": label, "layer": "pred"})
+    return label_info(CONFIG, rows)
+
+
+def summary_of(rows: list[tuple[str, str, dict[str, float]]], protocol: str = "paper") -> pd.DataFrame:
+    """One summary row per (dataset, label, gene set: mean r); sd 0.01, CI mean +- 0.02, 3 folds, no NaN."""
+    out = []
+    for dataset, label, means in rows:
+        for gene_set, mean in means.items():
+            out.append({"protocol": protocol, "dataset": dataset, "method": label, "gene_set": gene_set,
+                        "mean_r": mean, "sd_r": 0.01, "ci_low": mean - 0.02, "ci_high": mean + 0.02,
+                        "n_folds": 3, "n_nan": 0})
+    return pd.DataFrame(out)
+
+
+def paper_csv(name: str, dataset: str, model: str) -> pd.Series:
+    """The paper's row, read with pandas straight from the shipped CSV."""
+    table = pd.read_csv(PAPER_DATA / f"{name}.csv")
+    hit = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    assert len(hit) == 1, (name, dataset, model)
+    return hit.iloc[0]
+
+
+# ---------------------------------------------------------------------------------------------------- Table 2
+
+EXTENDED = ["HEG150", "HVG150", "HEG250", "HVG250"]
+
+
+def test_table2_pairs_top150_with_k250_and_top250_with_k500():
+    """Kills: swapping Table 2's pairing (top-150 <-> k = 500, top-250 <-> k = 250). The whole table is checked
+    against values worked by hand from the paper's Table 2 (SKCM: STNet 0.1160 0.0971 0.0815 0.0852, CMRCNet
+    0.2642 0.2174 0.2086 0.2054; COAD CMRCNet top-250 0.3476 0.3494)."""
+    means = {"stnet": [0.10, 0.09, 0.08, 0.07], "cmrcnet-k50": [0.26, 0.18, 0.17, 0.16],
+             "cmrcnet-k250": [0.30, 0.20, 0.25, 0.15], "cmrcnet-k500": [0.28, 0.22, 0.21, 0.19],
+             "cmrcnet-none-k250": [0.5, 0.5, 0.5, 0.5]}
+    rows = [("SKCM", label, dict(zip(EXTENDED, m))) for label, m in means.items()]
+    rows.append(("COAD", "cmrcnet-k500", dict(zip(EXTENDED, [0.40, 0.41, 0.35, 0.33]))))
+    rows.append(("SKCM", "stnet", {"HEG50": 0.9}))  # other gene sets stay out
+    summary = summary_of(rows)
+    summary = pd.concat([summary, summary_of([("SKCM", "stnet", {"HEG150": 0.9})], protocol="hest-bench")])
+    labels = labels_for("stnet", "cmrcnet-k50", "cmrcnet-k250", "cmrcnet-k500", "cmrcnet-none-k250")
+
+    got = table2(summary, labels)
+
+    # (dataset, label, k, means, paper values, our mean minus the paper's)
+    expected_rows = [
+        ("SKCM", "stnet", NAN, [0.10, 0.09, 0.08, 0.07], [0.1160, 0.0971, 0.0815, 0.0852],
+         [-0.0160, -0.0071, -0.0015, -0.0152]),
+        ("SKCM", "cmrcnet-k50", 50.0, [0.26, 0.18, 0.17, 0.16], [NAN] * 4, [NAN] * 4),
+        ("SKCM", "cmrcnet-k250", 250.0, [0.30, 0.20, 0.25, 0.15], [0.2642, 0.2174, NAN, NAN],
+         [0.0358, -0.0174, NAN, NAN]),
+        ("SKCM", "cmrcnet-k500", 500.0, [0.28, 0.22, 0.21, 0.19], [NAN, NAN, 0.2086, 0.2054],
+         [NAN, NAN, 0.0014, -0.0154]),
+        ("COAD", "cmrcnet-k500", 500.0, [0.40, 0.41, 0.35, 0.33], [NAN, NAN, 0.3476, 0.3494],
+         [NAN, NAN, 0.0024, -0.0194]),
+    ]
+    records = []
+    for dataset, label, k, m, paper, diff in expected_rows:
+        record = {"dataset": dataset, "method": label, "k": k}
+        for gs, mean, p, d in zip(EXTENDED, m, paper, diff):
+            record.update({f"{gs}_mean": mean, f"{gs}_sd": 0.01, f"{gs}_ci_low": mean - 0.02,
+                           f"{gs}_ci_high": mean + 0.02, f"{gs}_n_nan": 0, f"{gs}_paper": p, f"{gs}_diff": d})
+        records.append(record)
+    expected = pd.DataFrame(records)
+
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- Table 1
+
+MAIN = ["HEG50", "HVG50", "marker"]
+TABLE1_LABELS = ["stnet", "stnet-tta", "bleep-k50", "bleep-k100", "bleep-k500", "cmrcnet-k50", "cmrcnet-k100",
+                 "cmrcnet-k500", "cmrcnet-none-k50"]
+
+
+@pytest.fixture
+def t1() -> pd.DataFrame:
+    """Table 1 of SKCM (whose HEG / HVG / marker values differ in every paper row) at k = 50, 100, 500."""
+    rows = [("SKCM", label, dict(zip(MAIN, [0.40, 0.30, 0.20]))) for label in TABLE1_LABELS]
+    return table1(summary_of(rows), labels_for(*TABLE1_LABELS), ks=[100, 500, 50]).set_index("method")
+
+
+def test_table1_keeps_retrieval_methods_at_the_smallest_and_largest_k_only(t1):
+    """Kills: Table 1 keeping every k (here k = 100 too). Regression methods (no k) stay, ablations go."""
+    assert list(t1.index) == ["stnet", "stnet-tta", "bleep-k50", "bleep-k500", "cmrcnet-k50", "cmrcnet-k500"]
+
+
+def test_table1_sets_bleep_at_k50_beside_the_papers_bleep_row(t1):
+    """Kills: removing the BLEEP k = 50 fallback in `_paper_names` (the paper's BLEEP row, unsuffixed, is BLEEP's
+    default k = 50). No paper row exists for BLEEP at k = 500."""
+    bleep = paper_csv("table1_top50", "SKCM", "BLEEP")  # 0.3048, 0.1809, 0.1921
+    for gs, column in zip(MAIN, ["HEG", "HVG", "marker"]):
+        assert t1.loc["bleep-k50", f"{gs}_paper"] == pytest.approx(bleep[column])
+        assert math.isnan(t1.loc["bleep-k500", f"{gs}_paper"])
+    assert t1.loc["bleep-k50", "HEG50_diff"] == pytest.approx(0.40 - 0.3048)
+    assert t1.loc["bleep-k50", "marker_diff"] == pytest.approx(0.20 - 0.1921)
+
+
+def test_table1_reads_each_gene_sets_own_paper_column(t1):
+    """Kills: Table 1's HVG or marker paper column reading the paper's HEG value. Every row the paper has is
+    checked column by column against the CSV; SKCM CMRCNet-500 is 0.3646 / 0.2268 / 0.2419 by hand."""
+    names = {"stnet": "STNet", "stnet-tta": "STNet", "cmrcnet-k50": "CMRCNet-50", "cmrcnet-k500": "CMRCNet-500"}
+    for label, model in names.items():
+        paper = paper_csv("table1_top50", "SKCM", model)
+        assert len({paper["HEG"], paper["HVG"], paper["marker"]}) == 3  # else the test could not tell them apart
+        for gs, column in zip(MAIN, ["HEG", "HVG", "marker"]):
+            assert t1.loc[label, f"{gs}_paper"] == pytest.approx(paper[column]), (label, gs)
+    assert (t1.loc["cmrcnet-k500", ["HEG50_paper", "HVG50_paper", "marker_paper"]].tolist()
+            == pytest.approx([0.3646, 0.2268, 0.2419]))
+    assert (t1.loc["cmrcnet-k500", ["HEG50_diff", "HVG50_diff", "marker_diff"]].tolist()
+            == pytest.approx([0.40 - 0.3646, 0.30 - 0.2268, 0.20 - 0.2419]))
+
+
+# ------------------------------------------------------------------------------------------------- Markdown
+
+def test_markdown_difference_is_ours_minus_the_papers():
+    """Kills: flipping the sign of the "(paper x, +-diff)" text. Ours above the paper reads +, below reads -."""
+    table = pd.DataFrame([
+        {"dataset": "SKCM", "method": "above", "HEG50_mean": 0.5, "HEG50_sd": 0.125, "HEG50_paper": 0.25,
+         "HVG50_mean": 0.2, "HVG50_sd": NAN, "HVG50_paper": NAN},
+        {"dataset": "SKCM", "method": "below", "HEG50_mean": 0.125, "HEG50_sd": 0.05, "HEG50_paper": 0.375,
+         "HVG50_mean": NAN, "HVG50_sd": NAN, "HVG50_paper": 0.3},
+    ])
+    text = to_markdown(table, ["HEG50", "HVG50"], "T", "a note")
+    assert text.splitlines() == [
+        "# T", "", "a note", "",
+        "| dataset | method | HEG50 | HVG50 |",
+        "|---|---|---|---|",
+        "| SKCM | above | 0.500 ± 0.125 (paper 0.250, +0.250) | 0.200 |",
+        "| SKCM | below | 0.125 ± 0.050 (paper 0.375, -0.250) | - |",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- Table 5
+
+def test_table5_puts_each_mask_rate_beside_its_own_paper_row():
+    """Kills: Table 5 ignoring the mask rate. Two ablations differing only in mask_rate (MSE, image target) land
+    on the paper's mse/0.3 row (0.3020 0.2921 0.2221) and mse/0.7 row (0.3006 0.2924 0.2272); means are over
+    datasets; the k = 500 layer stays out."""
+    rows = []
+    for label, first, second in (("cmrcnet-mask07-k50", 0.30, 0.50), ("cmrcnet-mask03-k50", 0.20, 0.30),
+                                 ("cmrcnet-mask03-k500", 0.9, 0.9), ("cmrcnet-k50", 0.35, 0.25)):
+        rows.append(("SKCM", label, dict(zip(MAIN, [first, first, first]))))
+        rows.append(("COAD", label, dict(zip(MAIN, [second, second, second]))))
+    labels = labels_for("cmrcnet-mask07-k50", "cmrcnet-mask03-k50", "cmrcnet-mask03-k500", "cmrcnet-k50")
+
+    t5 = table5(summary_of(rows), labels, k=50).set_index("method")
+
+    assert list(t5.index) == ["cmrcnet-mask07-k50", "cmrcnet-mask03-k50", "cmrcnet-k50"]
+    assert t5["mask_rate"].tolist() == [0.7, 0.3, 0.5]
+    assert t5["n_datasets"].tolist() == [2, 2, 2]
+    expected = {  # label: (mean over SKCM and COAD, paper HEG / HVG / marker)
+        "cmrcnet-mask07-k50": (0.40, [0.3006, 0.2924, 0.2272]),
+        "cmrcnet-mask03-k50": (0.25, [0.3020, 0.2921, 0.2221]),
+        "cmrcnet-k50": (0.30, [0.3117, 0.3020, 0.2372]),
+    }
+    for label, (mean, paper) in expected.items():
+        for gs, p in zip(MAIN, paper):
+            assert t5.loc[label, f"{gs}_mean"] == pytest.approx(mean), (label, gs)
+            assert t5.loc[label, f"{gs}_paper"] == pytest.approx(p), (label, gs)
+            assert t5.loc[label, f"{gs}_diff"] == pytest.approx(mean - p), (label, gs)
