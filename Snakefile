@@ -22,6 +22,7 @@ include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/figures.smk"
+include: "rules/slides.smk"
 
 
 rule all:

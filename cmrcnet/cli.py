@@ -149,6 +149,7 @@ def _config_for_run(args) -> dict:
 
 
 def _train(args) -> None:
+    from cmrcnet.data.datasets import ALL, fold_id
     from cmrcnet.inference.predict import check_k_fits
     from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
@@ -156,11 +157,14 @@ def _train(args) -> None:
     device = _device(args.device)
     config = _config_for_run(args)
     dataset_dir = Path(args.processed_dir or config["processed_dir"]) / args.dataset
-    out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / f"fold{args.fold}")
+    fold = fold_id(args.fold)
+    run_name = fold if fold == ALL else f"fold{fold}"  # `all`: the deployable model, trained on every sample
+    out_dir = Path(args.out or Path(config["models_dir"]) / args.dataset / args.method / run_name)
     method_cfg = training_method_cfg(config, args.method)
-    check_k_fits(dataset_dir, args.fold, config["evaluation"]["k"], method_cfg["model"])
+    check_k_fits(dataset_dir, fold, config["evaluation"]["k"], method_cfg["model"])
     summary = train_fold(method=args.method, method_cfg=method_cfg, train_cfg=config["train"],
-                         dataset_dir=dataset_dir, fold=args.fold, out_dir=out_dir, seed=config["seed"],
+                         dataset_dir=dataset_dir, fold=fold, out_dir=out_dir, seed=config["seed"],
+                         technology=config["datasets"][args.dataset]["technology"],
                          device=device)
     print(json.dumps(summary, default=str))
 
@@ -184,6 +188,19 @@ def _predict(args) -> None:
                         batch_size=ev["batch_size"], device=device,
                         fingerprint=run_fingerprint(config, args.dataset, args.method))
     print(json.dumps({**info, "out": str(out)}, default=str))
+
+
+def _predict_slide(args) -> None:
+    from cmrcnet.inference.slide_predict import predict_slide
+
+    device = _device(args.device)
+    _positive("--mpp", args.mpp)
+    _positive("--pitch", args.pitch)
+    _at_least("--k", args.k, 1)
+    info = predict_slide(args.model, args.slide, args.out, mpp=args.mpp, tissue=args.tissue, layout=args.layout,
+                         pitch_um=args.pitch, k=args.k, weighted=args.weighted, tta=args.tta, genes=args.genes,
+                         maps_prefix=args.maps, batch_size=args.batch_size, device=device)
+    print(json.dumps(info, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="pipeline config (methods, train settings, seed)")
     p.add_argument("dataset")
     p.add_argument("method", help="a name under `methods:` in the config")
-    p.add_argument("fold", type=int)
+    p.add_argument("fold", help="a fold number, or `all` for the deployable model (every sample trains it)")
     p.add_argument("--processed-dir", help="default: the config's processed_dir")
-    p.add_argument("--out", help="default: {models_dir}/{dataset}/{method}/fold{fold}")
+    p.add_argument("--out", help="default: {models_dir}/{dataset}/{method}/fold{fold} (fold all: .../all)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
     p.set_defaults(func=_train)
 
@@ -293,6 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: {results_dir}/{dataset}/predictions/{method}/fold{fold}.h5ad")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("predict-slide", help="predict expression over the tissue of a new whole slide (AnnData + maps)")
+    p.add_argument("model", help="a trained best.pt (models/{dataset}/{method}/all/best.pt: the deployable model)")
+    p.add_argument("slide", help="pyramidal TIFF / OME-TIFF; SVS, NDPI, MRXS need OpenSlide")
+    p.add_argument("--out", required=True, help="the AnnData to write (.h5ad)")
+    p.add_argument("--mpp", type=float, help="slide pixel size in um at full resolution, when the file has none")
+    p.add_argument("--tissue", help="tissue outline, GeoJSON polygons in level-0 px (HEST tissue_seg); "
+                                    "default: detected on a thumbnail")
+    p.add_argument("--layout", choices=["visium", "xenium"],
+                   help="spot lattice: Visium hexagonal 55 um spots or Xenium-style 100 um squares, 100 um apart "
+                        "(default: the technology the model was trained on)")
+    p.add_argument("--pitch", type=float, help="distance between spot centres in um (default 100)")
+    p.add_argument("--k", type=int, default=50, help="neighbours averaged by retrieval models (default 50)")
+    p.add_argument("--weighted", action="store_true", help="retrieval: weight neighbours by similarity")
+    p.add_argument("--tta", action="store_true", help="regression models: average the 8 flips/rotations")
+    p.add_argument("--genes", nargs="+", default=[], help="genes to draw (with --maps)")
+    p.add_argument("--maps", help="write maps of the --genes (default: the 3 most variable) to MAPS.png and MAPS.pdf")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
+    p.set_defaults(func=_predict_slide)
     return parser
 
 

@@ -108,7 +108,20 @@ def check_config(config: dict, where: str | Path = "config", planning: bool = Tr
             effective_method(config, name, where=where)
     for name in config["datasets"] if planning else ():
         _check_k_fits_synthetic(config, name, where)
+    for name, entry in config.get("predict_slides", {}).items():
+        _check_slide_entry(config, name, entry, where)
     return config
+
+
+def _check_slide_entry(config: dict, name: str, entry: dict, where) -> None:
+    """A `predict_slides` entry must name a dataset and a method trained on it."""
+    key = f"predict_slides.{name}"
+    if entry["dataset"] not in config["datasets"]:
+        raise input_error(where, f"{key}.dataset: unknown dataset {entry['dataset']!r}; known: "
+                                 f"{', '.join(config['datasets'])}")
+    if entry["method"] not in methods_for(config, entry["dataset"]):
+        raise input_error(where, f"{key}.method: {entry['method']!r} is not a method trained on {entry['dataset']} "
+                                 f"(those are: {', '.join(methods_for(config, entry['dataset'])) or 'none'})")
 
 
 # Models that predict by averaging the top-k training spots (their class's `kind` is "retrieval"), and models built

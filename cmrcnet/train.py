@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmrcnet.data.datasets import EpochSampler, Fold, Part, load_fold
+from cmrcnet.data.datasets import EpochSampler, Fold, Part, fold_id, load_fold
 from cmrcnet.errors import input_error
 from cmrcnet.io import atomic_path, provenance, write_json, write_table
 
@@ -146,7 +146,7 @@ def fingerprint(model: str, params: dict, cfg: dict, genes: list[str], fold: int
         "params": params,
         "train": {k: v for k, v in cfg.items() if k not in skip},
         "genes": list(genes),
-        "fold": int(fold),
+        "fold": fold_id(fold),
         "seed": int(seed),
         "data": dict(data or {}),
     }
@@ -317,10 +317,31 @@ def _history_table(history: list[dict]) -> pd.DataFrame:
     return table[first + middle + last]
 
 
-def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, fold: int, out_dir, seed: int = 0,
-               device: str | None = None, progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+def _write_deployable(best_pt: Path, out: Path, model, data: Fold, device: torch.device) -> None:
+    """best.pt = the best epoch's checkpoint plus what prediction on a new slide needs: the patch resolution the
+    model was trained at and, for a retrieval model, its reference bank (cmrcnet.inference.bank)."""
+    from cmrcnet.data.datasets import patch_settings
+    from cmrcnet.inference.bank import BANK_KEY, PATCHES_KEY, build_bank
+
+    ckpt = load_checkpoint(best_pt)
+    settings = {s: patch_settings(data.patch_path(s)) for s in data.samples}
+    if len({tuple(v.values()) for v in settings.values()}) > 1:
+        raise input_error(data.dataset_dir / "patches", f"patches cut at different settings: {settings}")
+    ckpt[PATCHES_KEY] = next(iter(settings.values()))
+    if model.kind == "retrieval":
+        model.load_state_dict(ckpt["model"])
+        ckpt[BANK_KEY] = build_bank(model, data, device)
+    _save(ckpt, out)
+
+
+def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, fold: int | str, out_dir, seed: int = 0,
+               device: str | None = None, progress: bool = True, stop_after_epochs: int | None = None,
+               technology: str | None = None) -> dict:
     """Train `method` on fold `fold` of a processed dataset; writes best.pt, checkpoints/last.pt, history.csv,
     train.json into `out_dir` and resumes from checkpoints/last.pt when it exists.
+
+    Fold `all` trains the deployable model on every sample. `technology` (visium / xenium) is recorded in best.pt
+    so that prediction on a new slide lays spots on the same geometry.
 
     `stop_after_epochs` stops once that many epochs are done, as a kill would (no train.json); a later call resumes.
     """
@@ -343,7 +364,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         elif params["n_pos"] < needed:
             raise input_error(f"methods.{method}.params.n_pos", f"{params['n_pos']} is below the data's {needed}")
     fp = fingerprint(model_name, params, cfg, data.genes, fold, seed, data_identity(dataset_dir, data))
-    log.info("%s fold %d: %d training spots (%s), %d validation spots, %d genes, device %s", method, fold, n_train,
+    log.info("%s fold %s: %d training spots (%s), %d validation spots, %d genes, device %s", method, fold, n_train,
              ", ".join(train_part), n_val, len(data.genes), dev)
 
     _seed_everything(seed)
@@ -381,11 +402,11 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             scheduler.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
             state = {k: ckpt[k] for k in state}
-            log.info("%s fold %d: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
+            log.info("%s fold %s: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
 
     meta = {"method": method, "model_name": model_name, "params": params, "train_cfg": cfg, "genes": data.genes,
-            "fold": int(fold), "seed": int(seed), "kind": model.kind, "slide_level": bool(model.slide_level),
-            "input_size": int(model.input_size), "fingerprint": fp}
+            "fold": fold_id(fold), "seed": int(seed), "kind": model.kind, "slide_level": bool(model.slide_level),
+            "input_size": int(model.input_size), "fingerprint": fp, "technology": technology}
     train_loader, val_loader, sampler = _make_loaders(data, train_part, val_part, model, cfg, seed, dev)
     n_epochs = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], stop_after_epochs)
     while state["epoch"] < n_epochs and not state["stopped_early"]:
@@ -420,10 +441,10 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
         _save({"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                "scheduler": scheduler.state_dict(),
                "fingerprint": fp, "fingerprint_hash": fingerprint_hash(fp), **state}, last_pt)
-        log.info("%s fold %d epoch %d: train loss %.4f, val loss %.4f%s (%.1f s)", method, fold, epoch,
+        log.info("%s fold %s epoch %d: train loss %.4f, val loss %.4f%s (%.1f s)", method, fold, epoch,
                  row["train_loss"], row["val_loss"], " *" if state["best_epoch"] == epoch else "", row["seconds"])
         if state["stopped_early"]:
-            log.info("%s fold %d: early stop, no better validation loss for %d epochs", method, fold,
+            log.info("%s fold %s: early stop, no better validation loss for %d epochs", method, fold,
                      state["bad_epochs"])
 
     history = state["history"]
@@ -443,12 +464,11 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
     if complete:
         if state["best_epoch"] is None or not best_pt.exists():
             raise RuntimeError(f"{method} fold {fold}: no epoch gave a finite validation loss; no best.pt")
-        with atomic_path(out_dir / "best.pt") as tmp:
-            shutil.copyfile(best_pt, tmp)
+        _write_deployable(best_pt, out_dir / "best.pt", model, data, dev)
         write_table(out_dir / "history.csv", _history_table(history))
         write_json(out_dir / "train.json", {
             "config": {"method": method, "method_cfg": method_cfg, "train_cfg": cfg, "params": params,
-                       "dataset_dir": str(dataset_dir), "fold": int(fold), "seed": int(seed)},
+                       "dataset_dir": str(dataset_dir), "fold": fold_id(fold), "seed": int(seed)},
             "summary": summary,
             "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
             "train_samples": list(train_part), "test_samples": data.test_samples,
@@ -456,6 +476,6 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             "provenance": provenance(),
             "wall_seconds_this_call": round(time.perf_counter() - start, 3),
         })
-        log.info("%s fold %d: done, best epoch %s, val loss %.4f", method, fold, state["best_epoch"],
+        log.info("%s fold %s: done, best epoch %s, val loss %.4f", method, fold, state["best_epoch"],
                  state["best_val_loss"])
     return summary

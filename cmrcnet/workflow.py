@@ -104,6 +104,7 @@ def extract_patches(smk) -> None:
 def train(smk) -> None:
     import torch
 
+    from cmrcnet.data.datasets import fold_id
     from cmrcnet.inference.predict import check_k_fits
     from cmrcnet.recipes import training_method_cfg
     from cmrcnet.train import train_fold
@@ -112,12 +113,12 @@ def train(smk) -> None:
     method = smk.wildcards.method
     method_cfg = training_method_cfg(smk.config, method)
     # a retrieval model whose evaluation.k exceeds its training spots could never predict: stop before training
-    check_k_fits(Path(smk.input.genes).parent, int(smk.wildcards.fold), smk.config["evaluation"]["k"],
-                 method_cfg["model"])
+    fold = fold_id(smk.params.get("fold", smk.wildcards.get("fold")))  # `all`: the deployable model
+    check_k_fits(Path(smk.input.genes).parent, fold, smk.config["evaluation"]["k"], method_cfg["model"])
     train_fold(
         method=method, method_cfg=method_cfg, train_cfg=smk.config["train"],
-        dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold), out_dir=Path(smk.output.model).parent,
-        seed=smk.config["seed"],
+        dataset_dir=Path(smk.input.genes).parent, fold=fold, out_dir=Path(smk.output.model).parent,
+        seed=smk.config["seed"], technology=smk.config["datasets"][smk.wildcards.dataset]["technology"],
     )
 
 
@@ -129,11 +130,29 @@ def predict(smk) -> None:
 
     torch.set_num_threads(max(1, int(smk.threads)))
     ev = smk.config["evaluation"]
-    tta = effective_method(smk.config, smk.wildcards.method)["tta"]  # evaluation.tta, or STNet's original recipe
+    method = effective_method(smk.config, smk.wildcards.method)
+    tta = method["tta"]  # evaluation.tta, or STNet's original recipe
     predict_fold(
         model_path=smk.input.model, dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold),
         out_path=smk.output[0], method=smk.wildcards.method, ks=ev["k"], weighted=ev["weighted"], tta=tta,
-        batch_size=ev["batch_size"], fingerprint=smk.params.fingerprint,
+        batch_size=ev["batch_size"], fingerprint=smk.params.fingerprint, expected_model=method["model"],
+    )
+
+
+def predict_slide(smk) -> None:
+    import json
+
+    import torch
+
+    from cmrcnet.inference.slide_predict import predict_slide as predict
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    entry = json.loads(smk.params.settings)
+    predict(
+        smk.input.model, smk.input.slide, smk.output.adata, mpp=entry["mpp"], tissue=entry["tissue"],
+        layout=entry["layout"], pitch_um=entry["pitch_um"], k=entry["k"], weighted=entry["weighted"],
+        tta=entry["tta"], genes=entry["genes"], maps_prefix=str(Path(smk.output.maps[0]).with_suffix("")),
+        batch_size=entry["batch_size"], expected_model=smk.config["methods"][entry["method"]]["model"],
     )
 
 

@@ -59,6 +59,7 @@ wildcard_constraints:
     sample=one_of([s for ds in config["datasets"].values() for s in ds["samples"]]),
     method=one_of(METHODS),
     fold=r"\d+",
+    slide=one_of(list(config["predict_slides"])),
 
 
 def samples(dataset):
@@ -86,7 +87,14 @@ TRAIN_SUMMARY = f"{RUN}/train.json"
 WEIGHTS_FILE = weights_file(WEIGHTS, "{name}")
 WEIGHTS_SOURCE = f"{WEIGHTS}/{{name}}/{SOURCE_FILE}"
 WEIGHT_NAMES = sorted({r["weights"] for r in RECIPES.values() if r["weights"]})
+# the deployable model of a dataset x method: trained on every sample (fold `all`), carrying its reference bank
+DEPLOY_RUN = f"{MODELS}/{{dataset}}/{{method}}/all"
+DEPLOYABLE = f"{DEPLOY_RUN}/best.pt"
 PREDICTIONS = f"{RESULTS}/{{dataset}}/predictions/{{method}}/fold{{fold}}.h5ad"
+SLIDES = f"{RESULTS}/slides"
+SLIDE_PREDICTION = f"{SLIDES}/{{slide}}.h5ad"
+SLIDE_MAPS = f"{SLIDES}/{{slide}}_maps"
+PREDICT_SLIDES = config["predict_slides"]
 SCORES = f"{RESULTS}/{{dataset}}/evaluation/scores.parquet"
 GENE_SET_TABLE = f"{RESULTS}/{{dataset}}/evaluation/gene_sets.parquet"
 LABELS = f"{RESULTS}/{{dataset}}/evaluation/labels.tsv"
@@ -176,4 +184,42 @@ def all_targets():
             for ext in ("png", "pdf")
         ]
     targets += [f"{TABLES}/summary.csv"]
+    targets += slide_targets()
     return targets
+
+
+def deployable_models():
+    """The deployable model of every dataset x method (target `deploy`)."""
+    return [
+        DEPLOYABLE.format(dataset=ds, method=m)
+        for ds in DATASETS
+        for m in methods_for(config, ds)
+    ]
+
+
+def slide_targets():
+    """The AnnData and maps of every `predict_slides` entry."""
+    return [
+        path.format(slide=name)
+        for name in PREDICT_SLIDES
+        for path in (SLIDE_PREDICTION, f"{SLIDE_MAPS}.png", f"{SLIDE_MAPS}.pdf")
+    ]
+
+
+def slide_model(wildcards):
+    """The deployable model a `predict_slides` entry names."""
+    entry = PREDICT_SLIDES[wildcards.slide]
+    return DEPLOYABLE.format(dataset=entry["dataset"], method=entry["method"])
+
+
+def slide_settings(slide):
+    """A `predict_slides` entry with its defaults filled, as one string (a Snakemake param: a change reruns)."""
+    entry = dict(PREDICT_SLIDES[slide])
+    ds = config["datasets"][entry["dataset"]]
+    entry["layout"] = entry["layout"] or ds["technology"]
+    entry["k"] = entry["k"] or min(config["evaluation"]["k"])
+    entry["genes"] = entry["genes"] or [g for g in [ds["figure_gene"]] if g]
+    entry["tta"] = RECIPES[entry["method"]]["tta"]
+    entry["weighted"] = config["evaluation"]["weighted"]
+    entry["batch_size"] = config["evaluation"]["batch_size"]
+    return json.dumps(entry, sort_keys=True)

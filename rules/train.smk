@@ -27,3 +27,22 @@ rule train:
         settings=lambda w: method_settings(w.method),
     script:
         "../scripts/train.py"
+
+
+# The deployable model of a dataset x method: the same training on every sample (fold `all`, validation split as
+# configured), its best.pt carrying the reference bank a retrieval model predicts new slides with.
+use rule train as train_deployable with:
+    output:
+        model=DEPLOYABLE,
+        history=f"{DEPLOY_RUN}/history.csv",
+        summary=f"{DEPLOY_RUN}/train.json",
+    log:
+        f"{LOGS}/train/{{dataset}}/{{method}}/all.log",
+    params:
+        settings=lambda w: method_settings(w.method),
+        fold="all",
+
+
+rule deploy:
+    input:
+        deployable_models(),

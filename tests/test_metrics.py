@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from scipy import stats as sps
@@ -13,6 +15,7 @@ from cmrcnet.errors import CMRCNetError
 from cmrcnet.evaluation.metrics import (
     GENE_SET_COLUMNS,
     SCORE_COLUMNS,
+    column_stats,
     hest_bench_genes,
     pearson_per_gene,
     score_hest_bench,
@@ -178,3 +181,263 @@ def test_score_hest_bench_concatenated_split():
     assert sets[["gene_set", "sample", "gene"]].values.tolist() == [["hest50", "all", "e"], ["hest50", "all", "b"]]
     with pytest.raises(CMRCNetError, match="HEST-bench genes were not predicted: zz"):
         score_hest_bench(truth, pred, genes, dataset="D", method="m", fold=0, bench_genes=["a", "zz"])
+
+
+# ---- exact behaviour at the edges (each check below was added to kill a surviving mutant; docs/testing.md) ----
+
+def _raises(message):
+    """The whole error message, so that a changed `where`, name or number in it fails the test."""
+    return pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$")
+
+
+def test_column_stats_ddof_and_float64():
+    # one spot: variance 0 (not NaN from ddof=1); two spots / one gene: ddof=1, by hand
+    mean, var = column_stats(np.array([[1.0, 2.0]]))
+    assert mean.tolist() == [1.0, 2.0] and var.tolist() == [0.0, 0.0]
+    mean, var = column_stats(np.array([[1.0], [4.0]]))
+    assert mean.tolist() == [2.5] and var.tolist() == [4.5]
+    x32 = np.array([[0.1, 3.3], [0.2, 1.7], [0.7, 2.9]], dtype=np.float32)
+    mean, var = column_stats(x32)
+    x64 = x32.astype(np.float64)
+    assert mean.dtype == var.dtype == np.float64
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(var, x64.var(0, ddof=1), rtol=1e-14)
+
+
+def test_pearson_sparse_inputs_and_two_spots():
+    truth, pred = _pair(n_genes=5, seed=6)
+    r, _ = pearson_per_gene(sp.csr_matrix(truth), sp.csc_matrix(pred))
+    np.testing.assert_allclose(r, pearson_per_gene(truth, pred)[0], rtol=0, atol=1e-15)
+    # two spots is the minimum: r is +-1 (or NaN for a constant column)
+    r, reason = pearson_per_gene([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0]], [[3.0, 3.0, 1.0], [5.0, 5.0, 2.0]])
+    assert r[:2].tolist() == [1.0, -1.0] and np.isnan(r[2]) and reason[2] == "constant truth"
+
+
+def test_pearson_of_exact_affine_prediction_is_clipped_to_one():
+    # pred = +-3 truth + 1: |r| is 1 by definition; in floating point cov / sqrt(ss_t ss_p) exceeds 1 by an ulp on
+    # some of these two- and three-spot columns, and r must still lie in [-1, 1]
+    rng = np.random.default_rng(0)
+    for n in (2, 3):
+        truth = rng.integers(0, 20, size=(n, 400)) * 0.1
+        truth = truth[:, truth.std(axis=0) > 0]
+        for slope in (3.0, -3.0):
+            r, _ = pearson_per_gene(truth, slope * truth + 1.0)
+            assert np.all(np.abs(r) <= 1.0)
+            np.testing.assert_allclose(r, np.sign(slope), rtol=0, atol=1e-12)
+
+
+def test_constant_threshold_is_population_std_against_each_columns_max():
+    # A column is constant when std (ddof=0) <= CONSTANT_RTOL * max|x| of *that* column: 4 spots, 9 genes, on two
+    # scales, at 0.5x and 1.2x the threshold; an all-zero prediction is constant (0 <= 0).
+    n = 4
+    wobble = np.array([1.0, -1.0, 1.0, -1.0])  # population std 1 exactly
+    rng = np.random.default_rng(7)
+    truth = rng.normal(5.0, 1.0, size=(n, 9))
+    pred = rng.normal(5.0, 1.0, size=(n, 9))
+    cols = [(scale, f) for scale in (1.0, 1000.0) for f in (0.5, 1.2)]
+    for j, (scale, f) in enumerate(cols):
+        truth[:, j] = scale + f * 1e-6 * scale * wobble
+        pred[:, 4 + j] = scale + f * 1e-6 * scale * wobble
+    pred[:, 8] = 0.0
+    r, reason = pearson_per_gene(truth, pred)
+    assert list(reason) == ["constant truth", "", "constant truth", "",
+                            "constant prediction", "", "constant prediction", "", "constant prediction"]
+    assert np.isnan(r[[0, 2, 4, 6, 8]]).all() and np.isfinite(r[[1, 3, 5, 7]]).all()
+    for j in (1, 3, 5, 7):
+        np.testing.assert_allclose(r[j], sps.pearsonr(truth[:, j], pred[:, j]).statistic, rtol=1e-6)
+
+
+_TRUTH, _PRED = _pair(n_spots=40, n_genes=3)
+_STR = np.array([["a", "b"], ["c", "d"]])
+_NAN_PRED = _PRED.copy()
+_NAN_PRED[[1, 4], 2] = np.nan
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: pearson_per_gene(_TRUTH[:, 0], _PRED, where="w"), "w: truth must be a spots x genes matrix, got shape (40,)"),
+    (lambda: pearson_per_gene(_TRUTH, _PRED[:, 0], where="w"),
+     "w: predictions must be a spots x genes matrix, got shape (40,)"),
+    (lambda: pearson_per_gene(_STR, np.ones((2, 2)), where="w"), "w: truth must be numeric, got dtype <U1"),
+    (lambda: pearson_per_gene(np.ones((2, 2)), _STR, where="w"), "w: predictions must be numeric, got dtype <U1"),
+    (lambda: pearson_per_gene(_TRUTH, _PRED[:, :2], where="w"), "w: truth has shape (40, 3) but predictions have shape (40, 2)"),
+    (lambda: pearson_per_gene(_TRUTH, _PRED, where="w", genes=["A", "B"]), "w: 2 gene names for 3 columns"),
+    (lambda: pearson_per_gene(_TRUTH[:1], _PRED[:1]), "scores: Pearson r needs at least 2 spots, got 1"),
+    (lambda: pearson_per_gene(_TRUTH, _NAN_PRED, where="w"),
+     "w: predictions hold 2 NaN/inf values (first at spot 1, gene column 2)"),
+    (lambda: pearson_per_gene(_NAN_PRED, _TRUTH, where="w", genes=["A", "B", "C"]),
+     "w: truth hold 2 NaN/inf values (first at spot 1, gene 'C')"),
+])
+def test_pearson_error_messages(call, message):
+    with _raises(message):
+        call()
+
+
+_TOP = np.array([[5, 0, 0, 0, 1], [5, 2, 4, 4, 1], [5, 0, 0, 0, 3], [5, 2, 4, 4, 3]], dtype=float)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: top_genes(_TOP, list("dacbe"), 2, by="median"), "top_genes: by must be 'mean' or 'var', got 'median'"),
+    (lambda: top_genes(_TOP, list("dacbe"), 0), "top_genes: number of top genes must be at least 1, got 0"),
+    (lambda: top_genes(_TOP[:, 0], list("d"), 1), "top_genes: truth must be a spots x genes matrix, got shape (4,)"),
+    (lambda: top_genes(_TOP, list("dacb"), 2), "top_genes: 4 gene names for 5 columns"),
+])
+def test_top_genes_error_messages(call, message):
+    with _raises(message):
+        call()
+
+
+@pytest.mark.parametrize("by, label", [("mean", "HEG"), ("var", "HVG")])
+def test_top_genes_warns_only_when_asking_for_more_than_all(caplog, by, label):
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        assert len(top_genes(_TOP, list("dacbe"), 5, by=by)) == 5
+        assert caplog.messages == []
+        assert len(top_genes(_TOP, list("dacbe"), 6, by=by, where="S")) == 5
+    assert caplog.messages == [f"S: top 6 {label} asked for but only 5 genes; using all of them"]
+
+
+def test_top_genes_ties_compare_names_as_text():
+    # non-string names are ranked as their text: "10" sorts before "9"
+    assert top_genes(np.ones((3, 2)), [9, 10], 2) == ["10", "9"]
+    assert top_genes(np.ones((3, 2)), [9, 10], 1, by="var") == ["10"]
+
+
+def _samples_with(name, matrix, genes):
+    samples = _bench_samples()
+    samples[name] = (matrix, genes)
+    return samples
+
+
+_S2_NAN = _bench_samples()["s2"][0].copy()
+_S2_NAN[3, 2] = np.nan  # gene C of s2
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: hest_bench_genes({}), "hest-bench genes: no samples given"),
+    (lambda: hest_bench_genes(_bench_samples(), n=0), "hest-bench genes: number of genes must be at least 1, got 0"),
+    (lambda: hest_bench_genes(_bench_samples(), min_fraction=-0.1),
+     "hest-bench genes: min_fraction must lie in [0, 1], got -0.1"),
+    (lambda: hest_bench_genes(_bench_samples(), min_fraction=1.5),
+     "hest-bench genes: min_fraction must lie in [0, 1], got 1.5"),
+    (lambda: hest_bench_genes(_samples_with("s1", np.ones((3, 2)), ["A", "A"])),
+     "hest-bench genes: sample s1: duplicate gene names"),
+    (lambda: hest_bench_genes(_samples_with("s1", np.ones((3, 2)), ["A"])),
+     "hest-bench genes: sample s1: 1 gene names for 2 columns"),
+    (lambda: hest_bench_genes(_samples_with("s3", np.ones((0, 2)), ["B", "E"])), "hest-bench genes: sample s3: no spots"),
+    (lambda: hest_bench_genes({"x": (np.ones((4, 1)), ["A"]), "y": (np.ones((4, 1)), ["B"])}),
+     "hest-bench genes: no gene is shared by all 2 samples and expressed in at least 10% of the spots of each"),
+    (lambda: hest_bench_genes(_samples_with("s2", _S2_NAN, _bench_samples()["s2"][1])),
+     "hest-bench genes: sample s2: expression hold 1 NaN/inf values (first at spot 3, gene 'C')"),
+])
+def test_hest_bench_genes_error_messages(call, message):
+    with _raises(message):
+        call()
+
+
+def test_hest_bench_genes_edges(caplog):
+    samples = _bench_samples()
+    full = hest_bench_genes(samples, n=3)
+    assert hest_bench_genes(samples, n=1) == full[:1]
+    # both ends of [0, 1] are allowed: at 0 every shared gene qualifies, at 1 only those expressed in every spot
+    assert set(hest_bench_genes(samples, min_fraction=0.0)) == {"B", "C", "D", "E"}
+    assert hest_bench_genes(samples, min_fraction=1.0) == ["E"]
+    # a one-spot sample is allowed: B and E are expressed in it, C is not 
+    assert set(hest_bench_genes(_samples_with("s3", np.array([[1.0, 0.0, 2.0]]), ["B", "C", "E"]))) == {"B", "E"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        assert len(hest_bench_genes(samples, n=3)) == 3          # exactly as many as qualify: no warning
+        assert caplog.messages == []
+        assert set(hest_bench_genes(samples, n=50, min_fraction=0.6)) == {"B", "E"}
+    assert caplog.messages == ["hest-bench genes: only 2 genes are shared by all samples and expressed in >= 60% of "
+                               "spots of each; using all of them instead of 50"]
+
+
+def test_hest_bench_genes_pooled_variance_not_mean():
+    # H: high mean, small variance; V: low mean, large variance. Pooled (ddof=1) over both samples' 20 spots:
+    # var(V) = 25 * 20/19 > var(H) = 0.25 * 20/19, so V ranks first whatever the means.
+    h = np.tile([100.0, 101.0], 5)
+    v = np.tile([0.0, 10.0], 5)
+    samples = {"a": (np.c_[h, v], ["H", "V"]), "b": (np.c_[v, h], ["V", "H"])}
+    assert hest_bench_genes(samples, n=2, min_fraction=0.5) == ["V", "H"]
+
+
+def test_hest_bench_genes_variance_in_float64_for_float32_input():
+    # A = x and B = x + 3e5 have the same variance (exact in float32 and float64), so the tie goes to "A";
+    # summed in float32, B's mean rounds and its variance comes out larger.
+    x = np.array([4, 5, 7, 8, 1, 2, 7], dtype=np.float32)
+    m = np.c_[x, x + np.float32(3e5)].astype(np.float32)
+    samples = {"s1": (m[:4], ["A", "B"]), "s2": (sp.csr_matrix(m[4:]), ["A", "B"])}
+    assert hest_bench_genes(samples, n=2) == ["A", "B"]
+
+
+_G8 = [f"g{i}" for i in range(8)]
+_T30, _P30 = _pair(n_spots=30, n_genes=8, seed=3)
+_T30_NAN = _T30.copy()
+_T30_NAN[0, 1] = np.inf
+
+
+def _paper(truth=_T30, pred=_P30, genes=_G8, labels=("S",) * 30, **kw):
+    return score_paper_protocol(truth, pred, genes, list(labels), dataset="D", method="m", fold=3, **kw)
+
+
+def _hest(truth=_T30, pred=_P30, genes=_G8, bench=("g1", "g2")):
+    return score_hest_bench(truth, pred, genes, dataset="D", method="m", fold=0, bench_genes=list(bench))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: _paper(genes=_G8[:7]), "D/m/fold 3: 7 gene names for 8 columns"),
+    (lambda: _paper(genes=_G8[:7] + ["g0"]), "D/m/fold 3: duplicate gene names"),
+    (lambda: _paper(truth=_T30[:, 0]), "D/m/fold 3: truth must be a spots x genes matrix, got shape (30,)"),
+    (lambda: _paper(pred=_P30[:, 0]), "D/m/fold 3: predictions must be a spots x genes matrix, got shape (30,)"),
+    (lambda: _paper(pred=_P30[:, :7]), "D/m/fold 3: truth has shape (30, 8) but predictions have shape (30, 7)"),
+    (lambda: _paper(truth=_T30_NAN), "D/m/fold 3: truth hold 1 NaN/inf values (first at spot 0, gene 'g1')"),
+    (lambda: _paper(pred=_T30_NAN), "D/m/fold 3: predictions hold 1 NaN/inf values (first at spot 0, gene 'g1')"),
+    (lambda: _paper(labels=("S",) * 29), "D/m/fold 3: 29 sample labels for 30 spots"),
+    (lambda: _paper(labels=("S",) * 29 + ("T",)), "D/m/fold 3 sample T: Pearson r needs at least 2 spots, got 1"),
+    (lambda: _hest(genes=_G8[:7] + ["g0"]), "D/m/fold 0: duplicate gene names"),
+    (lambda: _hest(pred=_T30_NAN), "D/m/fold 0: predictions hold 1 NaN/inf values (first at spot 0, gene 'g1')"),
+    (lambda: _hest(bench=()), "D/m/fold 0: no HEST-bench genes given"),
+    (lambda: _hest(bench=[f"z{i}" for i in range(12)] + ["g1"]),
+     "D/m/fold 0: 12 HEST-bench genes were not predicted: z0 z1 z2 z3 z4 z5 z6 z7 z8 z9"),
+    (lambda: _hest(truth=_T30[:1], pred=_P30[:1]), "D/m/fold 0: Pearson r needs at least 2 spots, got 1"),
+])
+def test_scoring_error_messages_name_dataset_method_fold(call, message):
+    with _raises(message):
+        call()
+
+
+def test_score_paper_protocol_warnings_and_frames(caplog):
+    labels = ["S1"] * 10 + ["S2"] * 9 + ["S1"] * 11
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        scores, sets = _paper(labels=labels, marker_genes=["NOPE", "g1", "ALSO"], heg_hvg_sizes=(9,))
+    assert caplog.messages == [
+        "D/m/fold 3: 2 of 3 marker genes were not predicted and are left out: NOPE ALSO",
+        "D/m/fold 3 sample S1: top 9 HEG asked for but only 8 genes; using all of them",
+        "D/m/fold 3 sample S1: top 9 HVG asked for but only 8 genes; using all of them",
+        "D/m/fold 3 sample S2: only 9 spots (fewer than 10); its r per gene is noisy but enters the fold's mean with "
+        "the same weight as every other test sample",
+        "D/m/fold 3 sample S2: top 9 HEG asked for but only 8 genes; using all of them",
+        "D/m/fold 3 sample S2: top 9 HVG asked for but only 8 genes; using all of them",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        _paper(labels=["S1"] * 20 + ["S2"] * 10, heg_hvg_sizes=(8,))  # 10 spots is enough, 8 of 8 genes is all
+    assert caplog.messages == []
+    assert scores.index.equals(pd.RangeIndex(16)) and sets.index.equals(pd.RangeIndex(len(sets)))
+    assert set(scores["dataset"]) == {"D"} and set(scores["method"]) == {"m"}
+    assert scores["sample"].tolist() == ["S1"] * 8 + ["S2"] * 8
+    assert set(sets["protocol"]) == {"paper"} and set(sets["dataset"]) == {"D"} and set(sets["fold"]) == {3}
+    assert sets.groupby("sample").size().to_dict() == {"S1": 17, "S2": 17}  # HEG9, HVG9 (8 genes each), marker
+
+
+def test_score_hest_bench_frames():
+    truth, pred = _T30.copy(), _P30
+    truth[:, 2] = 1.0
+    scores, sets = _hest(truth=truth, bench=("g2", "g1", "g2"))
+    assert scores["gene"].tolist() == ["g2", "g1"]
+    assert set(scores["dataset"]) == {"D"} and set(scores["method"]) == {"m"} and set(scores["fold"]) == {0}
+    assert scores["nan_reason"].tolist() == ["constant truth", ""]
+    assert np.isnan(scores["r"][0]) and scores["r"][1] == pytest.approx(sps.pearsonr(truth[:, 1], pred[:, 1]).statistic)
+    np.testing.assert_allclose(scores["mean_expr"], truth[:, [2, 1]].mean(0))
+    np.testing.assert_allclose(scores["var_expr"], truth[:, [2, 1]].var(0, ddof=1))
+    assert set(sets["protocol"]) == {"hest-bench"} and set(sets["dataset"]) == {"D"} and set(sets["fold"]) == {0}
+    assert sets["gene"].tolist() == ["g2", "g1"] and set(sets["gene_set"]) == {"hest50"}

@@ -153,6 +153,8 @@ def test_pad_versus_drop(sample):
         patch = h5["img"][left]
     assert (patch[:, :60] == 17).all() and (patch[:, 70:] != 17).any()
     assert summary["n_padded"] == 2
+    with h5py.File(out["out_h5"]) as h5:
+        assert h5.attrs["fill"] == 17  # recorded: prediction on a new slide pads with the same colour
 
     out["out_h5"].unlink()
     out["out_parquet"].unlink()

@@ -46,6 +46,9 @@ TINY = {
         "histogene": {"model": "histogene", "params": {"patch_px": 16, "dim": 16, "depth": 1, "heads": 2},
                       "datasets": ["tiny-xenium"], "train": {"batch_size": 1}},
     },
+    # the deployable BLEEP (trained on V1-V3) maps one slide: rules train_deployable and predict_slide
+    "predict_slides": {"v3-map": {"slide": "data/tiny-visium/wsis/V3.tif", "dataset": "tiny-visium",
+                                  "method": "bleep", "genes": ["EPCAM"]}},
 }
 
 
@@ -131,6 +134,17 @@ def test_one_training_job_per_method_and_fold(run):
     assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
     assert "done, best epoch" in (run / "logs/train/tiny-visium/stnet/fold0.log").read_text()
     assert (run / "models/tiny-visium/stnet/fold0/checkpoints/last.pt").is_file()
+
+
+def test_slide_prediction_uses_the_deployable_model_of_every_sample(run):
+    info = json.loads((run / "models/tiny-visium/bleep/all/train.json").read_text())
+    assert info["train_samples"] == ["V1", "V2", "V3"] and info["test_samples"] == []
+    adata = ad.read_h5ad(run / "results/slides/v3-map.h5ad")
+    genes = pd.read_csv(run / "processed/tiny-visium/genes.tsv", sep="\t")["gene"].tolist()
+    assert list(adata.var_names) == genes and adata.n_obs > 0 and np.isfinite(adata.X).all()
+    meta = json.loads(adata.uns["cmrcnet"])
+    assert meta["model_path"].endswith("models/tiny-visium/bleep/all/best.pt") and meta["k"] == 5
+    assert (run / "results/slides/v3-map_maps.png").is_file() and (run / "results/slides/v3-map_maps.pdf").is_file()
 
 
 def test_changed_method_settings_retrain_only_that_method(run):

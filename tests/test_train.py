@@ -472,7 +472,7 @@ def test_deployable_model_trains_on_every_sample_and_carries_its_bank(dataset_di
     assert info["train_samples"] == ["S0", "S1", "S2"] and info["test_samples"] == []
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["fold"] == "all" and ckpt["technology"] == "visium"
-    assert ckpt["patches"] == {"um_per_px": 0.5, "size_px": 32}  # as write_patches records them
+    assert ckpt["patches"] == {"um_per_px": 0.5, "size_px": 32, "fill": 255}  # as write_patches records them
     if model == "stnet":
         assert "bank" not in ckpt
         return

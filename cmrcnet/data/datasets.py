@@ -28,6 +28,7 @@ log = logging.getLogger("cmrcnet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_SPLITS = ("spot", "sample")
+ALL = "all"  # the fold id of the deployable model: trained on every sample, nothing held out
 READ_CHUNK = 256  # patches per HDF5 read when a whole slide is loaded
 
 
@@ -285,6 +286,23 @@ def read_patch_index(path: str | Path) -> tuple[list[str], tuple[int, int]]:
     return barcodes, size
 
 
+def patch_settings(path: str | Path) -> dict:
+    """The resolution and size a patch file was cut at (attributes written by `extract_patches`): a model
+    trained on these patches must be given patches cut the same way."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = dict(h5.attrs)
+    except OSError as exc:
+        raise input_error(path, f"cannot read as HDF5, file is corrupt ({type(exc).__name__})") from None
+    missing = [k for k in ("um_per_px", "patch_size_px") if k not in attrs]
+    if missing:
+        raise input_error(path, f"no {', '.join(missing)} attribute; not a patch file written by `cmrcnet patches`")
+    return {"um_per_px": float(attrs["um_per_px"]), "size_px": int(attrs["patch_size_px"]),
+            "fill": int(attrs.get("fill", 255))}  # files from before `fill` was recorded used the default
+
+
 def _check_genes(path: Path, found: Sequence[str], genes: Sequence[str], genes_tsv: Path) -> None:
     """Every sample must carry the dataset's genes in the dataset's order: the models index genes by position."""
     found = list(found)
@@ -342,7 +360,7 @@ Part = dict[str, np.ndarray]  # sample -> indices of its joined spots
 class Fold:
     """One cross-validation fold of a dataset: its genes, train/test samples, and the datasets built from them."""
 
-    def __init__(self, dataset_dir: Path, fold: int, genes: list[str], train_samples: list[str],
+    def __init__(self, dataset_dir: Path, fold: int | str, genes: list[str], train_samples: list[str],
                  test_samples: list[str], genes_tsv: Path):
         self.dataset_dir = dataset_dir
         self.fold = fold
@@ -433,23 +451,42 @@ class Fold:
         return largest + 1
 
 
-def load_fold(dataset_dir: str | Path, fold: int, folds_tsv: str | Path | None = None,
+def fold_id(fold) -> int | str:
+    """A fold as the pipeline names it: a cross-validation fold number, or `all` (every sample trains the
+    deployable model; nothing is held out)."""
+    if isinstance(fold, str) and fold.strip() == ALL:
+        return ALL
+    try:
+        if isinstance(fold, bool) or float(fold) != int(fold):
+            raise ValueError
+        return int(fold)
+    except (TypeError, ValueError):
+        raise input_error("fold", f"a fold number or {ALL!r}, got {fold!r}") from None
+
+
+def load_fold(dataset_dir: str | Path, fold: int | str, folds_tsv: str | Path | None = None,
               genes_tsv: str | Path | None = None) -> Fold:
-    """Read the fold's samples and genes and check the training samples' files (test samples load on use)."""
+    """Read the fold's samples and genes and check the training samples' files (test samples load on use).
+
+    Fold `all` trains on every sample of folds.tsv (in its order) and tests none: the deployable model."""
     dataset_dir = Path(dataset_dir)
     folds_tsv = Path(folds_tsv) if folds_tsv is not None else dataset_dir / "folds.tsv"
     genes_tsv = Path(genes_tsv) if genes_tsv is not None else dataset_dir / "genes.tsv"
     folds = read_folds(folds_tsv)
-    rows = folds[folds["fold"] == fold]
-    if rows.empty:
-        known = ", ".join(str(f) for f in sorted(folds["fold"].unique()))
-        raise input_error(folds_tsv, f"no fold {fold} (folds: {known})")
-    train = [str(s) for s in rows.loc[rows["role"] == "train", "sample"]]
-    test = [str(s) for s in rows.loc[rows["role"] == "test", "sample"]]
+    fold = fold_id(fold)
+    if fold == ALL:
+        train, test = [str(s) for s in folds["sample"].drop_duplicates()], []
+    else:
+        rows = folds[folds["fold"] == fold]
+        if rows.empty:
+            known = ", ".join(str(f) for f in sorted(folds["fold"].unique()))
+            raise input_error(folds_tsv, f"no fold {fold} (folds: {known})")
+        train = [str(s) for s in rows.loc[rows["role"] == "train", "sample"]]
+        test = [str(s) for s in rows.loc[rows["role"] == "test", "sample"]]
     if not train:
         raise input_error(folds_tsv, f"fold {fold} has no training samples")
     genes = [str(g) for g in read_gene_table(genes_tsv)["gene"]]
-    result = Fold(dataset_dir, int(fold), genes, train, test, genes_tsv)
+    result = Fold(dataset_dir, fold, genes, train, test, genes_tsv)
     for sample in train:
         result.sample(sample)
     return result

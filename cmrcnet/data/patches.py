@@ -56,6 +56,74 @@ def _resize(region: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.LANCZOS))
 
 
+class PatchCutter:
+    """Cuts `patch_px` x `patch_px` RGB patches at `um_per_px` around spot centres of an open slide.
+
+    The one place patches are cut, for training (`extract_patches`) and for prediction on a new slide
+    (`cmrcnet.inference.slide_predict`), so that a model sees a new slide exactly as it saw its training slides.
+    It reads the coarsest pyramid level that is not coarser than asked for (`Slide.best_level`), a square window of
+    `window` pixels of that level centred on the spot (corners rounded with np.rint), resizes it with Lanczos
+    (`_resize`) and fills what lies past the slide edge with `fill`. The slide's tile cache is sized for one band
+    of tile rows as tall as a window: spots visited in (y, x) order decode each tile about once.
+
+    `slide` is a `cmrcnet.data.slide.Slide` or anything with its interface (`levels`, `best_level`,
+    `read_region`, `tile_cache_size`, `path`); `slide_um` its level-0 pixel size. A window that would read more
+    than MAX_REGION_BYTES is a one-line error naming the slide, ending with `advice`.
+    """
+
+    def __init__(self, slide, patch_px: int, um_per_px: float, slide_um: float, *, fill: int = 255,
+                 advice: str = "lower patches.um_per_px or patches.size_px"):
+        self.slide, self.patch_px, self.um_per_px, self.slide_um = slide, int(patch_px), float(um_per_px), slide_um
+        self.fill = fill
+        self.scale = um_per_px / slide_um  # level-0 pixels per output pixel
+        self.window0 = patch_px * self.scale  # patch side in level-0 pixels
+        if self.scale < 1 - DOWNSAMPLE_TOLERANCE:
+            LOGGER.warning(
+                "%s: slide is %.3g um/px, coarser than the requested %.3g um/px; patches are upsampled",
+                slide.path, slide_um, um_per_px,
+            )
+        self.level = slide.best_level(self.scale)
+        lvl = slide.levels[self.level]
+        self.downsample = lvl.downsample
+        self.window = max(1, round(self.window0 / lvl.downsample))  # patch side in pixels of the level read
+        window = self.window
+        if 3 * window**2 > MAX_REGION_BYTES:
+            raise input_error(slide.path, f"a {patch_px}-px patch at {um_per_px:g} um/px would read a {window} x "
+                                          f"{window} px region ({3 * window**2 / 2**30:.1f} GiB) from level "
+                                          f"{self.level}, the coarsest the slide has for it; {advice}")
+        # Spots are visited in (y, x) order, so the tiles in use are one band of tile rows as tall as a
+        # window: cache that band, and each tile is decoded about once whatever the spot layout.
+        slide.tile_cache_size = lvl.segments_across * (-(-window // lvl.segment_height) + 2)
+
+    def corners(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left corners of the patches around level-0 `centres` (n, 2) as (x, y): in level-0 pixels (HEST's
+        `coords`) and in pixels of the level read."""
+        centres = np.asarray(centres, dtype=float)
+        corner0 = np.rint(centres - self.window0 / 2).astype(np.int64)
+        corner = np.rint(centres / self.downsample - self.window / 2).astype(np.int64)
+        return corner0, corner
+
+    def reaches_past_edge(self, corner: np.ndarray) -> np.ndarray:
+        """Which patches (corners in pixels of the level read) reach past the slide edge."""
+        lvl = self.slide.levels[self.level]
+        return (corner < 0).any(axis=1) | (corner[:, 0] + self.window > lvl.width) | (
+            corner[:, 1] + self.window > lvl.height
+        )
+
+    def cut_at(self, corners: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (n, patch_px, patch_px, 3): the patches whose corners (pixels of the level read) are given."""
+        if out is None:
+            out = np.empty((len(corners), self.patch_px, self.patch_px, 3), dtype=np.uint8)
+        for i, (x, y) in enumerate(corners):
+            region = self.slide.read_region(x, y, self.window, self.window, level=self.level, fill=self.fill)
+            out[i] = _resize(region, self.patch_px)
+        return out
+
+    def cut(self, centres: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (n, patch_px, patch_px, 3): the patches around level-0 `centres` (n, 2) as (x, y)."""
+        return self.cut_at(self.corners(centres)[1], out)
+
+
 def extract_patches(
     wsi: str | Path,
     st: str | Path,
@@ -98,23 +166,8 @@ def extract_patches(
 
     with Slide(wsi) as slide:
         slide_um = layout.pixel_size_um(meta, metadata, wsi)
-        scale = um_per_px / slide_um  # level-0 pixels per output pixel
-        window0 = patch_px * scale  # patch side in level-0 pixels
-        if scale < 1 - DOWNSAMPLE_TOLERANCE:
-            LOGGER.warning(
-                "%s: slide is %.3g um/px, coarser than the requested %.3g um/px; patches are upsampled",
-                wsi, slide_um, um_per_px,
-            )
-        level = slide.best_level(scale)
-        lvl = slide.levels[level]
-        window = max(1, round(window0 / lvl.downsample))  # patch side in pixels of the level read
-        if 3 * window**2 > MAX_REGION_BYTES:
-            raise input_error(wsi, f"a {patch_px}-px patch at {um_per_px:g} um/px would read a {window} x {window} px "
-                                   f"region ({3 * window**2 / 2**30:.1f} GiB) from level {level}, the coarsest the "
-                                   f"slide has for it; lower patches.um_per_px or patches.size_px")
-        # Spots are visited in (y, x) order, so the tiles in use are one band of tile rows as tall as a
-        # window: cache that band, and each tile is decoded about once whatever the spot layout.
-        slide.tile_cache_size = lvl.segments_across * (-(-window // lvl.segment_height) + 2)
+        cutter = PatchCutter(slide, patch_px, um_per_px, slide_um, fill=fill)
+        level, lvl, window = cutter.level, slide.levels[cutter.level], cutter.window
 
         outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= slide.width) | (
             centres[:, 1] >= slide.height
@@ -131,11 +184,8 @@ def extract_patches(
             )
 
         # top-left corners: in level-0 pixels (stored, HEST convention) and in pixels of the level read
-        corner0 = np.rint(centres - window0 / 2).astype(np.int64)
-        corner = np.rint(centres / lvl.downsample - window / 2).astype(np.int64)
-        partial = (corner < 0).any(axis=1) | (corner[:, 0] + window > lvl.width) | (
-            corner[:, 1] + window > lvl.height
-        )
+        corner0, corner = cutter.corners(centres)
+        partial = cutter.reaches_past_edge(corner)
         n_spots = len(barcodes)
         n_padded = int(partial.sum()) if off_slide == "pad" else 0
         n_dropped = int(partial.sum()) if off_slide == "drop" else 0
@@ -181,6 +231,7 @@ def extract_patches(
             "n_dropped": n_dropped,
             "sample": sample,
             "spots": spots,
+            "fill": fill,  # the colour past the slide edge: prediction on a new slide pads the same way
         }
         if provenance_info is not None:
             attrs["provenance"] = json.dumps(provenance_info, default=str)
@@ -189,8 +240,7 @@ def extract_patches(
             tmp_h5 = stack.enter_context(atomic_path(out_h5))
             tmp_parquet = stack.enter_context(atomic_path(out_parquet))
             bar = stack.enter_context(tqdm(total=n, disable=not progress, unit="patch", desc=f"patches {sample}"))
-            _write_h5(tmp_h5, slide, level, window, patch_px, fill, corner[chosen], corner0[chosen],
-                      table["barcode"].to_numpy(), attrs, bar)
+            _write_h5(tmp_h5, cutter, corner[chosen], corner0[chosen], table["barcode"].to_numpy(), attrs, bar)
             write_table(tmp_parquet, table, provenance_info)
 
     summary = {
@@ -207,11 +257,11 @@ def extract_patches(
     return summary
 
 
-def _write_h5(path, slide, level, window, patch_px, fill, corners, corners0, barcodes, attrs, bar) -> None:
+def _write_h5(path, cutter: PatchCutter, corners, corners0, barcodes, attrs, bar) -> None:
     """Read, resize and write patches in batches so memory stays at one batch whatever the spot count."""
     import h5py
 
-    n = len(corners)
+    n, patch_px = len(corners), cutter.patch_px
     encoded = [str(b).encode("utf-8") for b in barcodes]
     width = max(1, max(len(b) for b in encoded))
     with h5py.File(path, "w") as h5:
@@ -226,9 +276,6 @@ def _write_h5(path, slide, level, window, patch_px, fill, corners, corners0, bar
         batch = np.empty((min(BATCH, n), patch_px, patch_px, 3), dtype=np.uint8)
         for lo in range(0, n, BATCH):
             hi = min(lo + BATCH, n)
-            for i in range(lo, hi):
-                x, y = corners[i]
-                region = slide.read_region(x, y, window, window, level=level, fill=fill)
-                batch[i - lo] = _resize(region, patch_px)
+            cutter.cut_at(corners[lo:hi], out=batch[: hi - lo])
             img[lo:hi] = batch[: hi - lo]
             bar.update(hi - lo)

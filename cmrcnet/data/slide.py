@@ -6,6 +6,7 @@ handful of tiles. Decoded tiles go into a small LRU cache because neighbouring s
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +189,121 @@ class Slide:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{lvl.width}x{lvl.height}" for lvl in self.levels)
         return f"Slide({str(self.path)!r}, levels=[{sizes}])"
+
+
+# ---------------------------------------------------------------------------------------------- other formats
+
+# Vendor formats read through OpenSlide (an optional dependency): `open_slide` opens these with it.
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif")
+OPENSLIDE_TILE = 256  # read size assumed for the tile cache when the file does not say
+
+
+class OpenSlideSlide:
+    """A vendor slide (SVS, NDPI, MRXS, ...) read through OpenSlide, with `Slide`'s interface: `levels`,
+    `best_level`, `read_region(x, y, w, h, level, fill)` in that level's pixels, `tile_cache_size` (OpenSlide keeps
+    its own cache, so it is only recorded), `pixel_size_um()` and use as a context manager."""
+
+    def __init__(self, path: str | Path, tile_cache_size: int = 512):
+        self.path = Path(path)
+        self.tile_cache_size = int(tile_cache_size)
+        self._osr = None
+        if not self.path.exists():
+            raise input_error(self.path, "slide image not found")
+        try:
+            import openslide
+        except ImportError:
+            raise input_error(self.path, f"{self.path.suffix} slides are read through OpenSlide, which is not "
+                                         "installed (pip install openslide-python openslide-bin); or convert the "
+                                         "slide to a pyramidal TIFF") from None
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+            dims, downsamples = self._osr.level_dimensions, self._osr.level_downsamples
+        except Exception as exc:  # noqa: BLE001 - OpenSlide raises its own error types for damaged files
+            self.close()
+            raise input_error(self.path, f"not a readable slide ({_one_line(exc)})") from None
+        props = self._osr.properties
+        self.width, self.height = (int(v) for v in dims[0])
+        self.levels = []
+        for i, ((w, h), down) in enumerate(zip(dims, downsamples)):
+            tw = int(props.get(f"openslide.level[{i}].tile-width", OPENSLIDE_TILE) or OPENSLIDE_TILE)
+            th = int(props.get(f"openslide.level[{i}].tile-height", OPENSLIDE_TILE) or OPENSLIDE_TILE)
+            self.levels.append(Level(width=int(w), height=int(h), downsample=float(down), segment_height=th,
+                                     segment_width=tw, segments_across=-(-int(w) // tw), page=None))
+
+    best_level = Slide.best_level
+
+    def pixel_size_um(self) -> float | None:
+        """Level-0 pixel size from the vendor metadata (openslide.mpp-x), or None."""
+        try:
+            value = float(self._osr.properties.get("openslide.mpp-x", "nan"))
+        except (TypeError, ValueError):
+            return None
+        return value if np.isfinite(value) and value > 0 else None
+
+    def read_region(self, x: int, y: int, w: int, h: int, level: int = 0, fill: int = 255) -> np.ndarray:
+        """RGB uint8 (h, w, 3) at `level`, in that level's pixels; transparent parts (off the slide) are `fill`."""
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"level {level} out of range (slide has {len(self.levels)})")
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w} x {h}")
+        down = self.levels[level].downsample
+        try:
+            rgba = np.asarray(self._osr.read_region((round(x * down), round(y * down)), level, (int(w), int(h))))
+        except Exception as exc:  # noqa: BLE001
+            raise input_error(self.path, f"corrupt image data in level {level} ({_one_line(exc)})") from None
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+        rgb = rgba[..., :3].astype(np.float32) * alpha + float(fill) * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_slide(path: str | Path):
+    """A slide opened for region reads: vendor formats (OPENSLIDE_SUFFIXES) through OpenSlide, everything else
+    (TIFF, OME-TIFF, BigTIFF) with `Slide`. Use as a context manager."""
+    if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+        return OpenSlideSlide(path)
+    return Slide(path)
+
+
+def file_pixel_size_um(slide) -> float | None:
+    """The level-0 pixel size (um) a slide file records: OpenSlide's mpp, the TIFF resolution tags, or the OME-XML
+    PhysicalSizeX; None when it records none."""
+    if hasattr(slide, "pixel_size_um"):
+        return slide.pixel_size_um()
+    from cmrcnet.data.layout import tiff_pixel_size_um
+
+    value = tiff_pixel_size_um(slide.path)
+    if value is None and slide._tif is not None and slide._tif.is_ome:
+        value = _ome_pixel_size_um(slide._tif.ome_metadata)
+    return value
+
+
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_pixel_size_um(xml: str | None) -> float | None:
+    """PhysicalSizeX of the first OME Pixels element, in um (OME's default unit), or None."""
+    import re
+
+    if not xml:
+        return None
+    match = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    if not match:
+        return None
+    size = re.search(r'\bPhysicalSizeX="([^"]+)"', match.group(0))
+    unit = re.search(r'\bPhysicalSizeXUnit="([^"]+)"', match.group(0))
+    try:
+        value = float(size.group(1)) * _OME_UNITS_UM[unit.group(1) if unit else "µm"] if size else math.nan
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from cmrcnet.data.layout import metadata_path, st_path, wsi_path
+from cmrcnet.data.spot_layout import SPOT_PITCH_UM, TECHNOLOGIES, lattice
 from cmrcnet.errors import input_error
 from cmrcnet.io import atomic_path, write_json
 
@@ -35,8 +36,7 @@ CONTROL_FORMATS = ("BLANK_{:04d}", "NegControlProbe_{:05d}", "UnassignedCodeword
 CONTROL_FRACTION = 0.05
 GRADIENT_SET_SIZE = 8  # filler genes per gradient (eosin, nuclei density)
 
-SPOT_PITCH_UM = 100.0
-SPOT_DIAMETER_UM = {"visium": 55.0, "xenium": 100.0}  # xenium: side of the square pseudo-spot
+SPOT_DIAMETER_UM = {t: g.diameter_um for t, g in TECHNOLOGIES.items()}  # xenium: side of the square pseudo-spot
 LIBRARY_SIZE = {"visium": 3000.0, "xenium": 1500.0}  # median counts of a spot fully on tissue
 DISPERSION = {"visium": 3.0, "xenium": 8.0}  # negative binomial size: lower = noisier
 BASE_SIGMA = {"visium": 1.8, "xenium": 0.9}  # spread of gene abundances: wider = sparser
@@ -119,25 +119,9 @@ def n_controls(technology: str, n_total: int) -> int:
 # ---------------------------------------------------------------------------------------------- geometry
 
 
-def _n_fit(length_um: float, step_um: float) -> int:
-    """How many centres `step_um` apart fit with half a pitch of margin at both ends."""
-    return max(0, math.floor((length_um - SPOT_PITCH_UM) / step_um + 1e-9) + 1)
-
-
 def spot_grid(technology: str, width_um: float, height_um: float) -> dict:
     """Spot centres (um) on a Visium hexagonal or Xenium square grid, half a pitch inside the slide."""
-    half = SPOT_PITCH_UM / 2
-    hexagonal = technology == "visium"
-    row_step = SPOT_PITCH_UM * math.sqrt(3) / 2 if hexagonal else SPOT_PITCH_UM
-    rows, cols, xs, ys = [], [], [], []
-    for i in range(_n_fit(height_um, row_step)):
-        shift = half if hexagonal and i % 2 else 0.0  # odd hexagonal rows sit half a pitch to the right
-        for j in range(_n_fit(width_um - shift, SPOT_PITCH_UM)):
-            rows.append(i)
-            cols.append(2 * j + i % 2 if hexagonal else j)  # Visium numbers columns in steps of 2
-            xs.append(half + shift + j * SPOT_PITCH_UM)
-            ys.append(half + i * row_step)
-    return {"row": np.array(rows, int), "col": np.array(cols, int), "x_um": np.array(xs), "y_um": np.array(ys)}
+    return lattice(width_um, height_um, SPOT_PITCH_UM, technology == "visium")
 
 
 def _grid_shape(grid: dict) -> tuple[int, int]:

@@ -41,20 +41,31 @@ def read_thumbnail(wsi_path: str | Path, max_px: int = 1024) -> tuple[np.ndarray
     smaller than `max_px` comes back at full size (scale 1). Spot centres in level-0 pixels map to
     thumbnail pixels by multiplying with the scale.
     """
-    from PIL import Image
+    _check_max_px(max_px)
+    with Slide(wsi_path) as slide:
+        return thumbnail_of(slide, max_px)
 
+
+def _check_max_px(max_px) -> None:
     if isinstance(max_px, bool) or not isinstance(max_px, (int, np.integer)) or max_px < 16:
         raise ValueError(f"max_px must be an integer >= 16, got {max_px!r}")
-    with Slide(wsi_path) as slide:
-        level = _source_level(slide, max_px)
-        lvl = slide.levels[level]
-        scale = min(1.0, max_px / max(slide.width, slide.height), 1.0 / lvl.downsample)
-        size = (max(1, round(slide.width * scale)), max(1, round(slide.height * scale)))
-        k = int(max(lvl.width / size[0], lvl.height / size[1]) // 2)  # pre-shrink only where it is many times too big
-        if k >= 2:
-            source = _read_shrunk(slide, level, k).round().astype(np.uint8)
-        else:
-            source = slide.read_region(0, 0, lvl.width, lvl.height, level=level)
+
+
+def thumbnail_of(slide, max_px: int = 1024) -> tuple[np.ndarray, float]:
+    """`read_thumbnail` of a slide already open (a `Slide`, or anything with its interface such as
+    `cmrcnet.data.slide.OpenSlideSlide`)."""
+    from PIL import Image
+
+    _check_max_px(max_px)
+    level = _source_level(slide, max_px)
+    lvl = slide.levels[level]
+    scale = min(1.0, max_px / max(slide.width, slide.height), 1.0 / lvl.downsample)
+    size = (max(1, round(slide.width * scale)), max(1, round(slide.height * scale)))
+    k = int(max(lvl.width / size[0], lvl.height / size[1]) // 2)  # pre-shrink only where it is many times too big
+    if k >= 2:
+        source = _read_shrunk(slide, level, k).round().astype(np.uint8)
+    else:
+        source = slide.read_region(0, 0, lvl.width, lvl.height, level=level)
     if source.shape[1] != size[0] or source.shape[0] != size[1]:
         source = np.asarray(Image.fromarray(source).resize(size, Image.Resampling.LANCZOS))
     return np.ascontiguousarray(source, dtype=np.uint8), float(scale)
