@@ -131,3 +131,30 @@ def test_new_keys_are_validated(tmp_path, mutate, expected):
     mutate(config)
     with pytest.raises(CMRCNetError, match=expected):
         load_config(write(tmp_path, config))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"slide": "s.tif", "dataset": "d2", "method": "m"}, "predict_slides.new.dataset: unknown dataset 'd2'; known: d1"),
+    ({"slide": "s.tif", "dataset": "d1", "method": "other"},
+     "predict_slides.new.method: 'other' is not a method trained on d1 (those are: m)"),
+    ({"slide": "", "dataset": "d1", "method": "m"}, "predict_slides.new.slide"),
+    ({"slide": "s.tif", "dataset": "d1", "method": "m", "mpp": 0}, "predict_slides.new.mpp"),
+    ({"slide": "s.tif", "dataset": "d1", "method": "m", "layout": "hex"}, "predict_slides.new.layout"),
+])
+def test_predict_slides_entries_name_a_trained_dataset_and_method(tmp_path, entry, message):
+    config = minimal()
+    config["methods"] = {"m": {"model": "stnet"}}
+    config["predict_slides"] = {"new": entry}
+    with pytest.raises(CMRCNetError) as err:
+        load_config(write(tmp_path, config))
+    assert message in str(err.value)
+
+
+def test_predict_slides_default_to_none_and_an_entry_gets_its_defaults(tmp_path):
+    config = minimal()
+    assert load_config(write(tmp_path, config))["predict_slides"] == {}
+    config["methods"] = {"m": {"model": "stnet"}}
+    config["predict_slides"] = {"new": {"slide": "s.tif", "dataset": "d1", "method": "m"}}
+    entry = load_config(write(tmp_path, config))["predict_slides"]["new"]
+    assert entry == {"slide": "s.tif", "dataset": "d1", "method": "m", "mpp": None, "tissue": None, "layout": None,
+                     "pitch_um": None, "k": None, "genes": []}

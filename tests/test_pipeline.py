@@ -243,6 +243,14 @@ def test_invalid_config_stops_before_planning(tmp_path):
     assert "datasets.d.samples: only 1 sample (S1); cross-validation needs at least 2" in result.stderr
 
 
+def test_deploy_plans_one_model_per_dataset_and_method_trained_on_every_sample(tmp_path):
+    result = snakemake(tmp_path, TINY, "-n", "deploy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.M))
+    assert counts["train_deployable"] == "4" and "train" not in counts  # (stnet, bleep) x visium, (stnet, histogene)
+    assert "predict_slide" not in counts and "predict" not in counts
+
+
 def test_paper_config_plans_six_datasets_offline_and_lint_is_clean():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     plan = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "-n", "all", "--configfile", "config/paper.yaml"],
