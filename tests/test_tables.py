@@ -195,3 +195,111 @@ def test_table5_puts_each_mask_rate_beside_its_own_paper_row():
             assert t5.loc[label, f"{gs}_mean"] == pytest.approx(mean), (label, gs)
             assert t5.loc[label, f"{gs}_paper"] == pytest.approx(p), (label, gs)
             assert t5.loc[label, f"{gs}_diff"] == pytest.approx(mean - p), (label, gs)
+
+
+def test_write_tables_writes_each_tables_csv_and_its_titled_markdown(tmp_path):
+    from cmrcnet.evaluation.tables import write_tables
+
+    table = pd.DataFrame({"dataset": ["SKCM"], "method": ["stnet"], "HEG50_mean": [0.5], "HEG50_sd": [0.125]})
+    written = write_tables(tmp_path, {"t1": (table, ["HEG50"], "Table X: a title", "a note"),
+                                      "t2": (table.iloc[:0], ["HEG50"], "Empty", "")})
+    assert written == [tmp_path / "t1.csv", tmp_path / "t1.md", tmp_path / "t2.csv", tmp_path / "t2.md"]
+    assert (tmp_path / "t1.md").read_text() == ("# Table X: a title\n\na note\n\n| dataset | method | HEG50 |\n"
+                                                "|---|---|---|\n| SKCM | stnet | 0.500 ± 0.125 |\n")
+    assert (tmp_path / "t2.md").read_text() == "# Empty\n\n(no results)\n"
+    assert pd.read_csv(tmp_path / "t1.csv")["HEG50_mean"].tolist() == [0.5]
+
+
+def test_best_genes_markdown_lists_each_methods_genes_with_their_r():
+    from cmrcnet.evaluation.tables import best_genes_markdown
+
+    best = pd.DataFrame({"dataset": ["SKCM", "SKCM", "SKCM"], "method": ["stnet", "stnet", "cmrcnet-k50"],
+                         "gene": ["PMEL", "MLANA", "TYR"], "mean_r": [0.61234, 0.5, -0.0004]})
+    title = "# Table 3: best-predicted genes (paper protocol, mean r over folds)\n\n"
+    assert best_genes_markdown(best) == (title + "| dataset | method | genes |\n|---|---|---|\n"
+                                         "| SKCM | stnet | PMEL (0.612), MLANA (0.500) |\n"
+                                         "| SKCM | cmrcnet-k50 | TYR (-0.000) |\n")
+    assert best_genes_markdown(best.iloc[:0]) == title + "(no results)\n"
+
+
+def test_table4_sets_the_foundation_model_beside_cmrcnet_at_the_largest_k_only():
+    from cmrcnet.evaluation.tables import table4
+
+    config = {"methods": {**CONFIG["methods"], "ctp": {"model": "foundation", "paper_name": "cTransPath"}}}
+    rows = [{"label": lab, "method": m, "layer": layer} for lab, m, layer in [
+        ("ctp", "ctp", "pred"), ("ctp-tta", "ctp", "tta"), ("cmrcnet-k50", "cmrcnet", "k50"),
+        ("cmrcnet-k500", "cmrcnet", "k500"), ("cmrcnet-mask03-k500", "cmrcnet-mask03", "k500"),
+        ("stnet", "stnet", "pred")]]
+    labels = label_info(config, rows)
+    summary = summary_of([("SKCM", lab, {"HEG50": 0.4, "HVG50": 0.2}) for lab in labels["label"]])
+    out = table4(summary, labels, 500)
+    assert out["method"].tolist() == ["ctp", "cmrcnet-k500"]
+    for label, model in [("ctp", "cTransPath"), ("cmrcnet-k500", "CMRCNet-500")]:
+        row, paper = out[out["method"] == label].iloc[0], paper_csv("table4_foundation", "SKCM", model)
+        assert (row["HEG50_paper"], row["HVG50_paper"]) == (paper["HEG"], paper["HVG"])
+        assert row["HEG50_diff"] == pytest.approx(0.4 - paper["HEG"])
+    assert table4(summary[~summary["method"].str.startswith("ctp")], labels, 500).empty  # no foundation: empty
+
+
+def test_hest_bench_table_keeps_only_its_protocol_with_a_column_per_gene_set():
+    from cmrcnet.evaluation.tables import hest_bench_table
+
+    labels = labels_for("stnet", "bleep-k50")
+    summary = pd.concat([summary_of([("SKCM", "stnet", {"hest50": 0.3}), ("COAD", "bleep-k50", {"hest42": 0.1})],
+                                    protocol="hest-bench"),
+                         summary_of([("SKCM", "stnet", {"HEG50": 0.9})])])
+    out = hest_bench_table(summary, labels)
+    assert out["method"].tolist() == ["stnet", "bleep-k50"] and out["dataset"].tolist() == ["SKCM", "COAD"]
+    assert out["hest50_mean"].tolist()[0] == 0.3 and math.isnan(out["hest50_mean"].tolist()[1])
+    assert out["hest42_mean"].tolist()[1] == 0.1 and not any(c.startswith("HEG") for c in out.columns)
+    assert hest_bench_table(summary_of([("SKCM", "stnet", {"HEG50": 0.9})]), labels).empty
+
+
+def test_main_labels_are_the_non_ablation_methods():
+    from cmrcnet.evaluation.tables import main_labels
+
+    assert main_labels(labels_for("stnet", "cmrcnet-k50", "cmrcnet-none-k50", "cmrcnet-mask03-k50")) == [
+        "stnet", "cmrcnet-k50"]
+
+
+@pytest.mark.parametrize("rows, config, expected", [
+    ([("SKCM", "HEG50"), ("SKCM", "HVG50"), ("SKCM", "marker")], {}, ""),
+    ([("SKCM", "HEG50"), ("SKCM", "HVG50"), ("COAD", "HEG50"), ("COAD", "HVG50")],
+     {"datasets": {"SKCM": {"marker_genes": []}, "COAD": {"marker_genes": ["CDX2", "LGR5"]}}},
+     "marker not computed: SKCM lists no marker_genes; none of COAD's marker genes (CDX2, LGR5) is measured"),
+    ([("SKCM", "marker")], {"evaluation": {"top_genes": [20, 100]}},
+     "HEG50 not computed: evaluation.top_genes has no 50; HVG50 not computed: evaluation.top_genes has no 50"),
+    ([("SKCM", "marker"), ("COAD", "HEG50"), ("COAD", "HVG50"), ("COAD", "marker")],
+     {"evaluation": {"top_genes": [50]}}, "HEG50 not computed for SKCM; HVG50 not computed for SKCM"),
+])
+def test_missing_sets_note_gives_one_reason_per_missing_column(rows, config, expected):
+    from cmrcnet.evaluation.tables import _with_reasons, missing_sets_note
+
+    summary = pd.DataFrame([{"protocol": "paper", "dataset": d, "gene_set": g} for d, g in rows])
+    note = missing_sets_note(summary, ["HEG50", "HVG50", "marker"], config)
+    assert note == expected
+    assert _with_reasons("mean ± sd.", note) == (f'mean ± sd. "-": {expected}.' if expected else "mean ± sd.")
+
+
+def test_missing_sets_note_without_the_paper_protocol():
+    from cmrcnet.evaluation.tables import missing_sets_note
+
+    summary = pd.DataFrame([{"protocol": "hest-bench", "dataset": "SKCM", "gene_set": "hest50"}])
+    assert missing_sets_note(summary, ["HEG50"], {"evaluation": {"protocols": ["hest-bench"]}}) == \
+        "the paper protocol is not in evaluation.protocols"
+    assert missing_sets_note(summary.iloc[:0], ["HEG50"], {}) == ""
+
+
+def test_gene_counts_put_our_count_beside_the_papers(tmp_path):
+    from cmrcnet.evaluation.tables import gene_counts
+
+    for name, genes in [("a", ["G1", "G2", "G3"]), ("b", ["G1"])]:
+        (tmp_path / f"{name}.tsv").write_text("gene\tsource\tn_samples_hvg\tis_marker\n" + "".join(
+            f"{g}\thvg_union\t1\tFalse\n" for g in genes))
+    config = {"datasets": {"A": {"paper_n_genes": 5, "gene_selection": "hvg_union", "panel_controls": "drop",
+                                 "spots": "all"}, "B": {"gene_selection": "panel"}}}
+    assert gene_counts({"A": tmp_path / "a.tsv", "B": tmp_path / "b.tsv"}, config) == [
+        {"dataset": "A", "n_genes": 3, "paper_n_genes": 5, "difference": -2, "gene_selection": "hvg_union",
+         "panel_controls": "drop", "spots": "all"},
+        {"dataset": "B", "n_genes": 1, "paper_n_genes": None, "difference": None, "gene_selection": "panel",
+         "panel_controls": None, "spots": None}]
