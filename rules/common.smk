@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.utils import validate
 
 from cmrcnet.config import (
+    RETRIEVAL_MODELS,
     check_config,
     datasets_by_source,
     methods_for,
@@ -219,7 +220,11 @@ def slide_settings(slide):
     entry["layout"] = entry["layout"] or ds["technology"]
     entry["k"] = entry["k"] or min(config["evaluation"]["k"])
     entry["genes"] = entry["genes"] or [g for g in [ds["figure_gene"]] if g]
-    entry["tta"] = RECIPES[entry["method"]]["tta"]
+    # test-time averaging as the method's evaluation does (regression models only)
+    entry["tta"] = (
+        RECIPES[entry["method"]]["tta"]
+        and RECIPES[entry["method"]]["model"] not in RETRIEVAL_MODELS
+    )
     entry["weighted"] = config["evaluation"]["weighted"]
     entry["batch_size"] = config["evaluation"]["batch_size"]
     return json.dumps(entry, sort_keys=True)
