@@ -259,7 +259,8 @@ _NAN_PRED[[1, 4], 2] = np.nan
      "w: predictions must be a spots x genes matrix, got shape (40,)"),
     (lambda: pearson_per_gene(_STR, np.ones((2, 2)), where="w"), "w: truth must be numeric, got dtype <U1"),
     (lambda: pearson_per_gene(np.ones((2, 2)), _STR, where="w"), "w: predictions must be numeric, got dtype <U1"),
-    (lambda: pearson_per_gene(_TRUTH, _PRED[:, :2], where="w"), "w: truth has shape (40, 3) but predictions have shape (40, 2)"),
+    (lambda: pearson_per_gene(_TRUTH, _PRED[:, :2], where="w"),
+     "w: truth has shape (40, 3) but predictions have shape (40, 2)"),
     (lambda: pearson_per_gene(_TRUTH, _PRED, where="w", genes=["A", "B"]), "w: 2 gene names for 3 columns"),
     (lambda: pearson_per_gene(_TRUTH[:1], _PRED[:1]), "scores: Pearson r needs at least 2 spots, got 1"),
     (lambda: pearson_per_gene(_TRUTH, _NAN_PRED, where="w"),
@@ -340,13 +341,13 @@ def test_hest_bench_genes_edges(caplog):
     # both ends of [0, 1] are allowed: at 0 every shared gene qualifies, at 1 only those expressed in every spot
     assert set(hest_bench_genes(samples, min_fraction=0.0)) == {"B", "C", "D", "E"}
     assert hest_bench_genes(samples, min_fraction=1.0) == ["E"]
-    # a one-spot sample is allowed: B and E are expressed in it, C is not 
+    # a one-spot sample is allowed: B and E are expressed in it, C is not
     assert set(hest_bench_genes(_samples_with("s3", np.array([[1.0, 0.0, 2.0]]), ["B", "C", "E"]))) == {"B", "E"}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cmrcnet"):
         assert len(hest_bench_genes(samples, n=3)) == 3          # exactly as many as qualify: no warning
         assert caplog.messages == []
-        assert set(hest_bench_genes(samples, n=50, min_fraction=0.6)) == {"B", "E"}
+        assert set(hest_bench_genes(samples, min_fraction=0.6)) == {"B", "E"}  # default n = 50
     assert caplog.messages == ["hest-bench genes: only 2 genes are shared by all samples and expressed in >= 60% of "
                                "spots of each; using all of them instead of 50"]
 
