@@ -303,3 +303,22 @@ def test_gene_counts_put_our_count_beside_the_papers(tmp_path):
          "panel_controls": "drop", "spots": "all"},
         {"dataset": "B", "n_genes": 1, "paper_n_genes": None, "difference": None, "gene_selection": "panel",
          "panel_controls": None, "spots": None}]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((0.5,), "0.500"), ((0.5, NAN), "0.500"), ((0.5, 0.1, NAN), "0.500 ± 0.100"), ((0.5, None, None), "0.500"),
+    ((0.5, None, 0.25), "0.500 (paper 0.250, +0.250)"), ((NAN, 0.1, 0.2), "-"), ((None,), "-"),
+])
+def test_cell_shows_what_is_known(args, expected):
+    from cmrcnet.evaluation.tables import _cell
+
+    assert _cell(*args) == expected
+
+
+def test_ablation_markdown_names_each_rows_switches_and_dashes_the_unknown():
+    table = pd.DataFrame({"method": ["cmrcnet-none", "cmrcnet-mask03"], "recon_loss": ["none", "mse"],
+                          "mask_rate": [NAN, 0.3], "recon_target": [None, "image"], "HEG50_mean": [0.3, 0.31],
+                          "HEG50_sd": [NAN, NAN], "HEG50_paper": [NAN, 0.302]})
+    assert to_markdown(table, ["HEG50"], "T5") == (
+        "# T5\n\n| method | recon_loss | mask_rate | recon_target | HEG50 |\n|---|---|---|---|---|\n"
+        "| cmrcnet-none | none | - | - | 0.300 |\n| cmrcnet-mask03 | mse | 0.3 | image | 0.310 (paper 0.302, +0.008) |\n")
