@@ -30,6 +30,7 @@ How:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -181,7 +182,8 @@ def ensure_slide(data: Path, size_px: int, um_per_px: float, seed: int, tissue_f
 def ensure_model(data: Path, name: str, arch: str, n_genes: int, bank_spots: int, seed: int) -> tuple[Path, dict]:
     """A deployable best.pt with seeded random weights and, for a retrieval model, a synthetic reference bank."""
     config = {"model": name, "arch": arch, "n_genes": n_genes, "bank_spots": bank_spots, "seed": seed}
-    path = data / f"model_{name}_{arch}_{n_genes}g_{bank_spots}ref.pt"
+    bank_part = f"_{bank_spots}ref" if name != "stnet" else ""  # regression models carry no bank
+    path = data / f"model_{name}_{arch}_{n_genes}g{bank_part}.pt"
     stamp = path.with_suffix(".json")
     if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("config") == config:
         return path, json.loads(stamp.read_text())
@@ -233,6 +235,7 @@ class StageTimer:
     def __init__(self, cuda: bool):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.peak_rise_mb: dict[str, float] = {}  # how far the process's peak RSS rose during the stage's calls
         self.cuda = cuda
         self.inside: str | None = None
 
@@ -244,7 +247,7 @@ class StageTimer:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             outer, self.inside = self.inside, stage
-            start = time.perf_counter()
+            peak, start = peak_rss_mb(), time.perf_counter()
             try:
                 out = fn(*args, **kwargs)
                 if sync and self.cuda:
@@ -254,6 +257,7 @@ class StageTimer:
                 return out
             finally:
                 self.add(stage, time.perf_counter() - start)
+                self.peak_rise_mb[stage] = self.peak_rise_mb.get(stage, 0.0) + peak_rss_mb() - peak
                 self.inside = outer
 
         return timed
@@ -302,9 +306,10 @@ def install_timers(timer: StageTimer) -> None:
     load = predict.load_trained_model
 
     def timed_load(*args, **kwargs):
-        start = time.perf_counter()
+        peak, start = peak_rss_mb(), time.perf_counter()
         model, ckpt = load(*args, **kwargs)
         timer.add("load model", time.perf_counter() - start)
+        timer.peak_rise_mb["load model"] = peak_rss_mb() - peak
         for attr in ("embed_image", "predict"):
             if hasattr(model, attr):  # an instance attribute shadows the method for this one model
                 setattr(model, attr, timer.wrap("embedding / regression", getattr(model, attr), sync=True))
@@ -329,6 +334,8 @@ def run_child(args) -> dict:
     import tqdm  # noqa: F401
 
     import cmrcnet.figures.slide_maps  # noqa: F401
+    import cmrcnet.inference.retrieval  # noqa: F401
+    import cmrcnet.models  # noqa: F401  (timm: its first create_model call imports model modules, ~5 s here)
     import cmrcnet.train  # noqa: F401
     from cmrcnet.inference.slide_predict import predict_slide
 
@@ -351,6 +358,7 @@ def run_child(args) -> dict:
     stages = {**timer.seconds, "other": seconds - covered}
     result = {"n_spots": n, "seconds": seconds, "spots_per_s": n / seconds, "engine_seconds": summary["seconds"],
               "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "stages_s": stages, "calls": timer.calls,
+              "peak_rise_mb": timer.peak_rise_mb,
               "level": summary["patches"]["level"], "out_bytes": out_bytes, "threads": torch.get_num_threads(),
               "device": summary["device"]}
     if cuda:
@@ -369,11 +377,9 @@ def environment(device: str) -> dict:
     import torch
 
     cpu = ""
-    try:
+    with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    except OSError:
-        pass
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_model": cpu,
            "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -438,11 +444,13 @@ def main() -> None:
             parser.error("--device cuda: no CUDA device is visible")
     started = time.perf_counter()
     args.data.mkdir(parents=True, exist_ok=True)
+    # slides first: this process's peak RSS while writing them is then the writer's own (recorded with each slide)
+    slides = {size: ensure_slide(args.data, size, args.um_per_px, args.seed, args.tissue_fraction)
+              for size in args.size_px}
     model_path, model_info = ensure_model(args.data, args.model, args.arch, args.genes, args.bank_spots, args.seed)
 
     results = {}
-    for size in args.size_px:
-        slide, slide_info = ensure_slide(args.data, size, args.um_per_px, args.seed, args.tissue_fraction)
+    for size, (slide, slide_info) in slides.items():
         runs = []
         for r in range(args.repeats):
             cmd = [sys.executable, __file__, "--child", "--slide", str(slide), "--model-path", str(model_path),
