@@ -322,3 +322,84 @@ def test_ablation_markdown_names_each_rows_switches_and_dashes_the_unknown():
     assert to_markdown(table, ["HEG50"], "T5") == (
         "# T5\n\n| method | recon_loss | mask_rate | recon_target | HEG50 |\n|---|---|---|---|---|\n"
         "| cmrcnet-none | none | - | - | 0.300 |\n| cmrcnet-mask03 | mse | 0.3 | image | 0.310 (paper 0.302, +0.008) |\n")
+
+
+def test_label_info_columns_for_each_kind_of_label():
+    labels = label_info(CONFIG, [{"label": "stnet-tta", "method": "stnet", "layer": "tta"},
+                                 {"label": "cmrcnet-none-k50", "method": "cmrcnet-none", "layer": "k50"},
+                                 {"label": "stnet-tta", "method": "stnet", "layer": "tta"}])
+    assert list(labels.columns) == ["label", "method", "model", "layer", "k", "tta", "paper_name", "ablation",
+                                    "recon_loss", "mask_rate", "recon_target"]
+    assert labels.index.tolist() == [0, 1]
+    stnet, none = labels.iloc[0].to_dict(), labels.iloc[1].to_dict()
+    assert (stnet["method"], stnet["layer"], stnet["tta"], stnet["paper_name"], stnet["recon_loss"]) == (
+        "stnet", "tta", True, "STNet", None) and pd.isna(stnet["k"])
+    assert (none["method"], none["layer"], none["k"], none["ablation"], none["recon_loss"], none["mask_rate"],
+            none["recon_target"]) == ("cmrcnet-none", "k50", 50, True, "none", 0.5, "image")
+
+
+def test_table5_without_reconstruction_and_a_variant_the_paper_did_not_run():
+    config = {"methods": {**CONFIG["methods"],
+                          "cmrcnet-mask06": {"model": "cmrcnet", "ablation": True, "params": {"mask_rate": 0.6}}}}
+    labels = label_info(config, [{"label": f"{m}-k50", "method": m, "layer": "k50"}
+                                 for m in ("cmrcnet-none", "cmrcnet-mask06")])
+    summary = summary_of([("SKCM", "cmrcnet-none-k50", {"HEG50": 0.3, "HVG50": 0.2, "marker": 0.1}),
+                          ("SKCM", "cmrcnet-mask06-k50", {"HEG50": 0.4, "HVG50": 0.2, "marker": 0.1})])
+    out = table5(summary, labels, 50).set_index("method")
+    none, paper = out.loc["cmrcnet-none-k50"], pd.read_csv(PAPER_DATA / "table5_ablation.csv").iloc[0]
+    assert paper["recon_loss"] == "none"
+    assert pd.isna(none["mask_rate"]) and pd.isna(none["recon_target"])  # no mask without reconstruction
+    assert (none["HEG50_paper"], none["HVG50_paper"], none["marker_paper"]) == (paper["HEG"], paper["HVG"],
+                                                                                paper["marker"])
+    assert out.loc["cmrcnet-mask06-k50", "mask_rate"] == 0.6 and math.isnan(out.loc["cmrcnet-mask06-k50", "HEG50_paper"])
+
+
+def test_a_gene_set_no_dataset_has_is_a_column_of_nan():
+    labels = labels_for("stnet")
+    out = table2(summary_of([("SKCM", "stnet", {"HEG150": 0.3})]), labels)
+    assert math.isnan(out.loc[0, "HVG250_mean"]) and math.isnan(out.loc[0, "HVG250_diff"])
+    assert out.loc[0, "HEG150_mean"] == 0.3
+
+
+def test_hest_bench_table_columns():
+    from cmrcnet.evaluation.tables import hest_bench_table
+
+    out = hest_bench_table(summary_of([("SKCM", "stnet", {"hest50": 0.3})], protocol="hest-bench"),
+                           labels_for("stnet"))
+    assert list(out.columns) == ["dataset", "method", "k", "hest50_mean", "hest50_sd", "hest50_ci_low",
+                                 "hest50_ci_high", "hest50_n_nan"]
+
+
+@pytest.mark.parametrize("rows, sets, config, expected", [
+    ([], ["HEG50"], {}, ""),  # nothing scored: no frame columns at all
+    ([("paper", "SKCM", "HEG50"), ("hest-bench", "COAD", "HEG50"), ("paper", "COAD", "HVG50")], ["HEG50"],
+     {"evaluation": {"top_genes": [50]}}, "HEG50 not computed for COAD"),  # another protocol's set does not count
+    ([("paper", "SKCM", "HVG50"), ("paper", "COAD", "HVG50")], ["HEG50", "marker"],
+     {"evaluation": {"top_genes": [50]}},
+     "HEG50 not computed for SKCM, COAD; marker not computed: SKCM lists no marker_genes; COAD lists no marker_genes"),
+    ([("paper", "SKCM", "HVG50")], ["HEG5"], {"evaluation": {"top_genes": [50]}},
+     "HEG5 not computed: evaluation.top_genes has no 5"),
+])
+def test_missing_sets_note_edge_cases(rows, sets, config, expected):
+    from cmrcnet.evaluation.tables import missing_sets_note
+
+    summary = pd.DataFrame([{"protocol": p, "dataset": d, "gene_set": g} for p, d, g in rows])
+    assert missing_sets_note(summary, sets, config) == expected
+
+
+def test_with_reasons_drops_only_the_notes_final_full_stop():
+    from cmrcnet.evaluation.tables import _with_reasons
+
+    assert _with_reasons("see Table X.", "why") == 'see Table X. "-": why.'
+    assert _with_reasons("see Table X", "") == "see Table X"
+
+
+def test_figure_labels_one_per_main_method_at_the_smallest_k_in_config_order():
+    from cmrcnet.evaluation.tables import figure_labels
+
+    rows = pd.DataFrame([{"label": lab, "method": m, "layer": layer} for lab, m, layer in [
+        ("cmrcnet-k250", "cmrcnet", "k250"), ("cmrcnet-k50", "cmrcnet", "k50"), ("stnet-tta", "stnet", "tta"),
+        ("cmrcnet-none-k50", "cmrcnet-none", "k50"), ("bleep-k50", "bleep", "k50"), ("stnet", "stnet", "pred"),
+        ("cmrcnet-k50", "cmrcnet", "k50")]])
+    config = {**CONFIG, "evaluation": {"k": [250, 50]}}
+    assert figure_labels(rows, config) == ["stnet", "bleep-k50", "cmrcnet-k50"]
