@@ -3,18 +3,25 @@
 Why: retrieval models (CMRCNet, BLEEP) look up the k most similar training spots for every test spot. The
 dense approach builds the whole queries x references similarity matrix and sorts every row; at 1e4 queries x
 1e6 references that matrix alone is 40 GB. `cmrcnet.inference.retrieval.topk_cosine` keeps a running top-k
-over blocks instead. This measures queries/s and peak memory of both on random 256-d embeddings, and checks
-that they return the same neighbours.
+over blocks instead. This measures queries/s and peak memory of both on random 256-d embeddings, checks
+that they return the same neighbours, and times the bare matrix product of the same blocks, so the cost of the
+search beyond the product (the `blocked / matmul` ratio) is measured by the benchmark itself.
 
 Methods (each run is a fresh subprocess, so its peak RSS is its own; on CUDA, max_memory_allocated):
 - blocked:    topk_cosine (default blocks for the device);
 - dense-sort: normalise, S = Q @ R.T, torch.sort(S, descending=True, stable=True), keep the first k columns;
-- dense-topk: normalise, S = Q @ R.T, torch.topk(S, k) (the cheaper dense variant; order of ties arbitrary).
+- dense-topk: normalise, S = Q @ R.T, torch.topk(S, k) (the cheaper dense variant; order of ties arbitrary);
+- matmul:     the hardware floor for blocked: the same normalisation (`_normalised`, timed apart as
+              `normalise_seconds`) and the same products, query block x reference block (topk_cosine's blocks,
+              equal query blocks included) into one reused buffer with torch.mm, and nothing else (no top-k, no
+              results). Its time includes the normalisation, as blocked's does; `blocked_over_matmul` (printed, and
+              in the blocked case's JSON) is blocked's median time over matmul's at the same size.
 A dense case whose memory estimate exceeds the budget is skipped with a note; the dense methods then run on
 fewer queries (halved until they fit), next to blocked on the same queries, so there is still a ratio.
 
     python bench/retrieval.py --queries 10000 --references 100000 1000000 --dim 256 --k 500 --repeats 3 \\
         --device cpu --out bench/out/retrieval.json
+    python bench/retrieval.py --methods blocked matmul ...   # only the ratio to the bare product
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("blocked", "dense-sort", "dense-topk")
+METHODS = ("blocked", "dense-sort", "dense-topk", "matmul")
 
 
 def peak_rss_mb() -> float:
@@ -89,8 +96,12 @@ def run_child(args) -> dict:
         base_cuda = torch.cuda.memory_allocated()
 
     start = time.perf_counter()
+    extra = {}
     if args.child == "blocked":
         sims, idx = topk_cosine(queries, references, args.k, device=device)
+    elif args.child == "matmul":
+        extra["normalise_seconds"] = matmul_blocks(queries, references, device)
+        sims = idx = None
     else:
         with torch.inference_mode():
             q = F.normalize(queries.to(device), dim=1)
@@ -106,14 +117,38 @@ def run_child(args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
-    if args.save:
+    if args.save and sims is not None:
         np.savez(args.save, sims=sims.numpy(), idx=idx.numpy())
     result = {"method": args.child, "queries": args.n_queries, "references": args.n_refs, "seconds": seconds,
               "queries_per_s": args.n_queries / seconds, "peak_rss_mb": peak_rss_mb(), "inputs_rss_mb": inputs_rss,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), **extra}
     if cuda:
         result["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     return result
+
+
+def matmul_blocks(queries, references, device) -> float:
+    """The products `topk_cosine` computes, in its blocks, and nothing else; returns the normalisation's seconds."""
+    import torch
+
+    from cmrcnet.inference.retrieval import DEFAULT_BLOCKS, _normalised
+
+    start = time.perf_counter()
+    q, r = _normalised(queries, device), _normalised(references, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    normalise = time.perf_counter() - start
+    n, m = q.shape[0], r.shape[0]
+    qb, rb = DEFAULT_BLOCKS.get(device.type, DEFAULT_BLOCKS["cpu"])
+    qb, rb = -(-n // -(-n // qb)), min(rb, m)  # equal query blocks, as topk_cosine makes them
+    buf = torch.empty(qb * rb, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for q0 in range(0, n, qb):
+            block = q[q0:q0 + qb]
+            for r0 in range(0, m, rb):
+                ref = r[r0:r0 + rb]
+                torch.mm(block, ref.T, out=buf[:block.shape[0] * ref.shape[0]].view(block.shape[0], ref.shape[0]))
+    return normalise
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -219,7 +254,7 @@ def main() -> None:
     for m in args.references:
         full, skipped = {}, []
         for method in args.methods:
-            need = dense_bytes(method, args.queries, m, args.dim, args.k) if method != "blocked" else 0
+            need = dense_bytes(method, args.queries, m, args.dim, args.k) if method.startswith("dense") else 0
             if need <= budget:
                 full[method] = measure(method, args.queries, m)
             else:
@@ -246,7 +281,12 @@ def main() -> None:
                 continue
             ref_data = np.load(ref["saved"])
             for method, case in group.items():
-                if method == "blocked" or case is None:
+                if method == "matmul" and case is not None:
+                    ref["blocked_over_matmul"] = ref["seconds_median"] / case["seconds_median"]
+                    print(f"blocked / matmul ({case['queries']} x {m}): {ref['blocked_over_matmul']:.3f} "
+                          f"(normalisation {statistics.median(x['normalise_seconds'] for x in case['runs']):.2f} s "
+                          f"of matmul's {case['seconds_median']:.2f} s)", file=sys.stderr)
+                if method in ("blocked", "matmul") or case is None:
                     continue
                 check = {"against": method, "queries": case["queries"], "references": m,
                          **compare(ref_data, np.load(case["saved"]))}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cmrcnet.errors import CMRCNetError
+from cmrcnet.inference import retrieval
 from cmrcnet.inference.retrieval import _hits, neighbour_mean, predict_by_retrieval, topk_cosine
 
 
@@ -236,3 +239,113 @@ def test_predict_by_retrieval_errors():
         predict_by_retrieval(emb, emb, np.ones((4, 2)), [2])
     with pytest.raises(CMRCNetError, match="^k: 6 neighbours requested but there are only 5 references"):
         predict_by_retrieval(emb, emb, np.ones((5, 2)), [2, 6])
+
+
+# ---- exact behaviour at the edges (each check below was added to kill a surviving mutant; docs/testing.md) ----
+
+def _raises(message):
+    """The whole error message, so that a changed name or number in it fails the test."""
+    return pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$")
+
+
+_IDX = np.array([[0, 1], [2, 3]])
+
+
+@pytest.mark.parametrize(("indices", "similarities", "values", "weighted", "message"), [
+    (_IDX, None, np.ones(10), False,
+     "reference_values: expected a dense 2-D array (references x genes), got ndarray of shape (10,)"),
+    (_IDX, None, np.empty((10, 2), dtype=object), False,
+     "reference_values: expected a dense 2-D array (references x genes), got ndarray of shape (10, 2)"),
+    (_IDX, None, np.full((10, 2), "a"), False, "reference_values: expected real numbers, got dtype <U1"),
+    (_IDX, None, np.ones((10, 2), dtype=complex), False, "reference_values: expected real numbers, got dtype complex128"),
+    (np.array([0, 1]), None, np.ones((10, 2)), False,
+     "indices: expected a 2-D array (queries x k) with k >= 1, got shape (2,)"),
+    (np.zeros((2, 0), dtype=int), None, np.ones((10, 2)), False,
+     "indices: expected a 2-D array (queries x k) with k >= 1, got shape (2, 0)"),
+    (_IDX.astype(float), None, np.ones((10, 2)), False, "indices: expected integers, got dtype float64"),
+    (_IDX, np.array([[0.5, np.nan], [0.1, 0.2]]), np.ones((10, 2)), True, "similarities: contain NaN or infinite values"),
+    (_IDX, np.array([[0.5, 0.1], [np.inf, 0.2]]), np.ones((10, 2)), True, "similarities: contain NaN or infinite values"),
+])
+def test_neighbour_mean_error_messages(indices, similarities, values, weighted, message):
+    with _raises(message):
+        neighbour_mean(indices, similarities, values, weighted=weighted)
+
+
+def test_neighbour_mean_one_neighbour_bool_values_and_float64_sums():
+    values = np.array([[1.0, 0.0], [2.0, 5.0], [4.0, 1.0]])
+    # k = 1: the prediction is the neighbour's own row
+    np.testing.assert_array_equal(neighbour_mean(np.array([[2], [0]]), None, values), values[[2, 0]])
+    # bool values are real numbers (0/1): the mean is the fraction of True
+    flags = np.array([[True, False], [True, True], [False, False]])
+    np.testing.assert_allclose(neighbour_mean(np.array([[0, 1, 2]]), None, flags), [[2 / 3, 1 / 3]], rtol=1e-7)
+    # float32 values are summed in float64: 1e8 + 1 - 1e8 is 1 (in float32 it would be 0)
+    big = np.array([[1e8], [1.0], [-1e8]], dtype=np.float32)
+    got = neighbour_mean(np.array([[0, 1, 2]]), None, big)
+    assert got.dtype == np.float32 and got[0, 0] == np.float32(1 / 3)
+    with _raises("block_elements: must be at least 1, got 0"):
+        neighbour_mean(np.array([[0]]), None, values, block_elements=0)
+
+
+def _emb():
+    data = lattice(70, 16, seed=3)
+    return data[:10], data[10:], np.random.default_rng(4).gamma(2.0, size=(60, 3))
+
+
+def test_predict_by_retrieval_defaults_and_single_k(capsys):
+    queries, references, values = _emb()
+    sims, idx = topk_cosine(queries, references, 7)
+    assert not np.allclose(neighbour_mean(idx, sims, values, weighted=True), neighbour_mean(idx, sims, values))
+    preds = predict_by_retrieval(queries, references, values, 7)  # one k as a plain integer; unweighted by default
+    assert list(preds) == [7]
+    np.testing.assert_allclose(preds[7], neighbour_mean(idx, sims, values), rtol=1e-12)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    predict_by_retrieval(queries, references, values, [7], progress=True)
+    assert "top-7 of 60 references" in capsys.readouterr().err
+
+
+def test_predict_by_retrieval_passes_blocks_and_device_on(monkeypatch):
+    queries, references, values = _emb()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return topk_cosine(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "topk_cosine", spy)
+    predict_by_retrieval(queries, references, values, [3], query_block=4, reference_block=16, device="cpu")
+    assert seen == [{"query_block": 4, "reference_block": 16, "device": "cpu", "progress": False}]
+
+
+@pytest.mark.parametrize(("values", "kwargs", "message"), [
+    (np.float64(1.0), {}, "reference_values: have 0 rows but there are 60 reference embeddings"),
+    (None, {"query_block": 0}, "query_block: must be at least 1, got 0"),
+    (None, {"reference_block": 0}, "reference_block: must be at least 1, got 0"),
+    (None, {"block_elements": 0}, "block_elements: must be at least 1, got 0"),
+])
+def test_predict_by_retrieval_error_messages(values, kwargs, message):
+    queries, references, ref_values = _emb()
+    with _raises(message):
+        predict_by_retrieval(queries, references, ref_values if values is None else values, [2], **kwargs)
+
+
+@pytest.mark.parametrize("columns", [640, 650])  # with and without the run screen (runs of 64 columns)
+@pytest.mark.parametrize("cut", [0.3, 0.99])  # most runs pass / few pass
+def test_hits_with_a_strided_threshold_column(columns, cut):
+    """`_hits` reads the threshold as the search passes it, a column view of the running top-k (not contiguous)."""
+    g = torch.Generator().manual_seed(1)
+    sims = torch.rand(29, columns, generator=g)
+    best = torch.rand(29, 5, generator=g) * 0.01 + cut
+    threshold = best[:, 4:5]
+    assert not threshold.is_contiguous()
+    rows, cols = _hits(sims, threshold, torch.empty(29, columns, dtype=torch.bool))
+    want = torch.nonzero(sims > threshold)
+    assert rows.dtype == cols.dtype == torch.int64
+    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])
+
+
+@pytest.mark.parametrize("field", ["indices", "reference_values"])
+def test_ragged_lists_are_refused_by_name(field):
+    args = {"indices": [[0, 1], [1, 0]], "similarities": None, "reference_values": [[1.0, 2.0], [3.0, 4.0]]}
+    args[field] = [[1, 0], [1]] if field == "indices" else [[1.0, 2.0], [3.0]]
+    with pytest.raises(CMRCNetError, match=f"^{field}: expected a dense 2-D array, got a ragged list$"):
+        neighbour_mean(args["indices"], args["similarities"], args["reference_values"])

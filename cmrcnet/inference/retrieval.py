@@ -16,6 +16,13 @@ found with a cheap screen (the maximum of every run of 64 columns, then the pass
 pooled, and merged into the running top-k by a stable sort once k or more have been pooled. Late in a long
 reference set almost nothing passes, so the cost approaches that of the matrix product alone.
 
+On the CPU the screen's compares, the search for the passing entries and the merge's sort run on numpy views
+of the same memory (no copies): torch's CPU `nonzero` costs ~6 ns per entry of a bool mask and a broadcast
+`torch.gt` ~2 ns, against ~0.3-0.5 and ~0.5 ns for `np.flatnonzero` and `np.greater` (2-core EPYC, torch
+2.14), and numpy's stable argsort (timsort) profits from the running top-k already being sorted (~1.5x faster
+than torch's stable sort there). With k = 500 and 1e6 references this cut the search's cost beyond the matrix
+product by about 30 % (docs/benchmarks.md, "Retrieval"). On CUDA the same steps stay in torch.
+
 Order and ties: neighbours come sorted by decreasing similarity; equal similarities are ordered by increasing
 reference index (the lower index wins a place in the top k), as a stable descending sort of each row of the
 full similarity matrix S = normalize(Q) @ normalize(R).T would order them. The promise, precisely: each returned
@@ -51,8 +58,10 @@ import torch
 from cmrcnet.errors import input_error
 
 # Block sizes (query_block, reference_block) by device type. On a 2-core CPU, blocks from 256 x 4096 to
-# 2048 x 16384 ran within 10 % of each other; 512 x 8192 (16 MB of similarities) stays in cache between the
-# product and the screen. On a GPU larger blocks keep it busy (4096 x 32768 float32 is 512 MiB; not tuned).
+# 2048 x 16384 ran within 10 % of each other. With k = 500 and 1e6 references, 512 x 2048 (4 MB of
+# similarities, cache-resident for the screen) cost more than 512 x 8192 (more blocks and merges, each with a
+# fixed cost), 512 x 16384 the same. On a GPU larger blocks keep it busy (4096 x 32768 float32 is 512 MiB;
+# not tuned).
 DEFAULT_BLOCKS = {"cpu": (512, 8192), "cuda": (4096, 32768)}
 _CHECK_ROWS = 65536  # rows per chunk when checking inputs for NaN/inf (bounded temporary)
 _EPS = 1e-12  # as torch.nn.functional.normalize
@@ -149,18 +158,32 @@ def _hits(sims: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor) -> tu
 
     Late in a search few entries pass, so the block is first screened by the maximum of each run of `_CHUNK`
     columns (a fast reduction) and only the runs whose maximum passes are compared entry by entry; when many
-    runs pass, one compare over the whole block (into the reusable bool buffer `mask`) is cheaper.
+    runs pass, one compare over the whole block (into the reusable bool buffer `mask`) is cheaper. On the CPU
+    the compares and the search for True entries go through numpy views of the same memory: `np.flatnonzero`
+    is an order of magnitude faster than `torch.nonzero` (about 0.5 against 6 ns per entry on a 2-core EPYC).
     """
     n, m = sims.shape
+    if sims.device.type != "cpu":
+        if m % _CHUNK == 0:
+            runs = sims.view(n, m // _CHUNK, _CHUNK)
+            passing = torch.nonzero(runs.amax(dim=2) > threshold)
+            if passing.shape[0] * 4 <= n * (m // _CHUNK):
+                rows, run = passing[:, 0], passing[:, 1]
+                inner = torch.nonzero(runs[rows, run] > threshold[rows])
+                return rows[inner[:, 0]], run[inner[:, 0]] * _CHUNK + inner[:, 1]
+        hits = torch.nonzero(torch.gt(sims, threshold, out=mask))
+        return hits[:, 0], hits[:, 1]
+    values, cut = sims.numpy(), threshold.numpy()
     if m % _CHUNK == 0:
-        runs = sims.view(n, m // _CHUNK, _CHUNK)
-        passing = torch.nonzero(runs.amax(dim=2) > threshold)
-        if passing.shape[0] * 4 <= n * (m // _CHUNK):
-            rows, run = passing[:, 0], passing[:, 1]
-            inner = torch.nonzero(runs[rows, run] > threshold[rows])
-            return rows[inner[:, 0]], run[inner[:, 0]] * _CHUNK + inner[:, 1]
-    hits = torch.nonzero(torch.gt(sims, threshold, out=mask))
-    return hits[:, 0], hits[:, 1]
+        n_runs = m // _CHUNK
+        passing = np.flatnonzero(sims.view(n, n_runs, _CHUNK).amax(dim=2).numpy() > cut)
+        if passing.size * 4 <= n * n_runs:
+            rows, run = passing // n_runs, passing % n_runs
+            inner = np.flatnonzero(values.reshape(n, n_runs, _CHUNK)[rows, run] > cut[rows])
+            which, offset = inner // _CHUNK, inner % _CHUNK
+            return torch.from_numpy(rows[which]), torch.from_numpy(run[which] * _CHUNK + offset)
+    flat = np.flatnonzero(np.greater(values, cut, out=mask.numpy()))
+    return torch.from_numpy(flat // m), torch.from_numpy(flat % m)
 
 
 def _above_threshold(
@@ -197,7 +220,10 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torc
     """
     values = torch.cat([v for v, _ in parts], dim=1)
     indices = torch.cat([i for _, i in parts], dim=1)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    if values.device.type == "cpu":  # numpy's stable sort (timsort) uses the sorted run of the running top-k
+        order = torch.from_numpy(np.argsort(-values.numpy(), axis=1, kind="stable")[:, :k])
+    else:
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
     return values.gather(1, order), indices.gather(1, order)
 
 
@@ -292,10 +318,13 @@ def topk_cosine(
     return out_sims, out_idx
 
 
-def _as_numpy(x) -> np.ndarray:
+def _as_numpy(x, name: str = "input") -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except ValueError:  # ragged nested lists: numpy refuses to make an array of them
+        raise input_error(name, f"expected a dense 2-D array, got a ragged {type(x).__name__}") from None
 
 
 def _prefix_means(
@@ -342,8 +371,8 @@ def _prefix_means(
 
 
 def _check_neighbours(indices, similarities, reference_values, weighted: bool):
-    idx = _as_numpy(indices)
-    values = _as_numpy(reference_values)
+    idx = _as_numpy(indices, "indices")
+    values = _as_numpy(reference_values, "reference_values")
     if values.ndim != 2 or values.dtype == object:
         raise input_error("reference_values", f"expected a dense 2-D array (references x genes), got "
                                               f"{type(reference_values).__name__} of shape {np.shape(values)}")
@@ -360,7 +389,7 @@ def _check_neighbours(indices, similarities, reference_values, weighted: bool):
     if weighted:
         if similarities is None:
             raise input_error("similarities", "required for the weighted mean")
-        sims = _as_numpy(similarities)
+        sims = _as_numpy(similarities, "similarities")
         if sims.shape != idx.shape:
             raise input_error("similarities", f"shape {sims.shape} differs from the indices' {idx.shape}")
         if not np.isfinite(sims).all():
