@@ -113,7 +113,7 @@ def train(smk) -> None:
     method = smk.wildcards.method
     method_cfg = training_method_cfg(smk.config, method)
     # a retrieval model whose evaluation.k exceeds its training spots could never predict: stop before training
-    fold = fold_id(smk.params.get("fold", smk.wildcards.get("fold")))  # `all`: the deployable model
+    fold = fold_id(getattr(smk.params, "fold", None) or smk.wildcards.fold)  # params.fold `all`: deployable model
     check_k_fits(Path(smk.input.genes).parent, fold, smk.config["evaluation"]["k"], method_cfg["model"])
     train_fold(
         method=method, method_cfg=method_cfg, train_cfg=smk.config["train"],
