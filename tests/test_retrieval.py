@@ -343,9 +343,10 @@ def test_hits_with_a_strided_threshold_column(columns, cut):
     assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])
 
 
-@pytest.mark.parametrize("field", ["indices", "reference_values"])
+@pytest.mark.parametrize("field", ["indices", "reference_values", "similarities"])
 def test_ragged_lists_are_refused_by_name(field):
-    args = {"indices": [[0, 1], [1, 0]], "similarities": None, "reference_values": [[1.0, 2.0], [3.0, 4.0]]}
+    args = {"indices": [[0, 1], [1, 0]], "similarities": [[0.5, 0.2], [0.4, 0.1]],
+            "reference_values": [[1.0, 2.0], [3.0, 4.0]]}
     args[field] = [[1, 0], [1]] if field == "indices" else [[1.0, 2.0], [3.0]]
     with pytest.raises(CMRCNetError, match=f"^{field}: expected a dense 2-D array, got a ragged list$"):
-        neighbour_mean(args["indices"], args["similarities"], args["reference_values"])
+        neighbour_mean(args["indices"], args["similarities"], args["reference_values"], weighted=True)

@@ -318,7 +318,7 @@ def topk_cosine(
     return out_sims, out_idx
 
 
-def _as_numpy(x, name: str = "input") -> np.ndarray:
+def _as_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     try:
@@ -442,7 +442,7 @@ def predict_by_retrieval(
     if not ks:
         raise input_error("ks", "no neighbour counts given")
     ks = sorted({_positive_int(k, "ks") for k in ks})
-    reference_values = _as_numpy(reference_values)
+    reference_values = _as_numpy(reference_values, "reference_values")
     n_refs, values_rows = len(reference_emb), (reference_values.shape[0] if reference_values.ndim else 0)
     if values_rows != n_refs:
         raise input_error("reference_values", f"have {values_rows} rows but there are {n_refs} reference embeddings")
