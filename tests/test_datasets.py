@@ -77,6 +77,31 @@ def write_patches(path: Path, img: np.ndarray, barcodes: list[str]) -> None:
         h5.attrs.update({"um_per_px": 0.5, "patch_size_px": px})  # as extract_patches writes them
 
 
+def build_synthetic_processed(root: Path, patch_px: int, um_per_px: float) -> tuple[Path, Path]:
+    """Three synthetic Visium samples (A, B, C) taken through the real stages: genes, normalisation, patches,
+    leave-one-sample-out folds. Returns (raw, processed) folders."""
+    from cmrcnet.data.folds import write_folds
+    from cmrcnet.data.genes import normalise_sample, select_genes
+    from cmrcnet.data.patches import extract_patches
+    from cmrcnet.data.synthetic import synthesize_sample
+
+    raw, proc = root / "raw", root / "processed"
+    samples = ["A", "B", "C"]
+    for i, s in enumerate(samples):
+        synthesize_sample(raw, s, technology="visium", sample_index=i, seed=3, patient=s, width_um=1000,
+                          height_um=1000, n_genes=200)
+    st = {s: raw / "st" / f"{s}.h5ad" for s in samples}
+    select_genes(st, proc / "genes.tsv", method="hvg_union", dataset="syn", n_top_hvg=20)
+    for s in samples:
+        normalise_sample(st[s], proc / "genes.tsv", proc / "st" / f"{s}.h5ad", sample=s, dataset="syn")
+        extract_patches(raw / "wsis" / f"{s}.tif", st[s], raw / "metadata" / f"{s}.json", proc / "patches" / f"{s}.h5",
+                        proc / "patches" / f"{s}.parquet", sample=s, patch_px=patch_px, um_per_px=um_per_px,
+                        progress=False)
+    write_folds({s: raw / "metadata" / f"{s}.json" for s in samples}, proc / "folds.tsv",
+                scheme="leave_one_sample_out", dataset="syn")
+    return raw, proc
+
+
 @pytest.fixture
 def dataset_dir(tmp_path):
     return write_dataset(tmp_path / "ds")

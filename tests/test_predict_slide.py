@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from test_datasets import build_synthetic_processed
 from torch import nn
 from torch.nn import functional as F
 
@@ -109,26 +110,8 @@ def one_thread():
 def trained(tmp_path_factory):
     """Three synthetic Visium samples through the real stages (genes, normalisation, patches, folds), a regression
     and a retrieval model trained on fold 0, and that fold's prediction files."""
-    from cmrcnet.data.folds import write_folds
-    from cmrcnet.data.genes import normalise_sample, select_genes
-    from cmrcnet.data.patches import extract_patches
-    from cmrcnet.data.synthetic import synthesize_sample
-
     root = tmp_path_factory.mktemp("slides")
-    raw, proc = root / "raw", root / "processed"
-    samples = ["A", "B", "C"]
-    for i, s in enumerate(samples):
-        synthesize_sample(raw, s, technology="visium", sample_index=i, seed=3, patient=s, width_um=1000,
-                          height_um=1000, n_genes=200)
-    st = {s: raw / "st" / f"{s}.h5ad" for s in samples}
-    select_genes(st, proc / "genes.tsv", method="hvg_union", dataset="syn", n_top_hvg=20)
-    for s in samples:
-        normalise_sample(st[s], proc / "genes.tsv", proc / "st" / f"{s}.h5ad", sample=s, dataset="syn")
-        extract_patches(raw / "wsis" / f"{s}.tif", st[s], raw / "metadata" / f"{s}.json", proc / "patches" / f"{s}.h5",
-                        proc / "patches" / f"{s}.parquet", sample=s, patch_px=PATCH_PX, um_per_px=UM_PER_PX,
-                        progress=False)
-    write_folds({s: raw / "metadata" / f"{s}.json" for s in samples}, proc / "folds.tsv",
-                scheme="leave_one_sample_out", dataset="syn")
+    raw, proc = build_synthetic_processed(root, PATCH_PX, UM_PER_PX)
 
     out = {"raw": raw, "proc": proc}
     with pytest.MonkeyPatch.context() as mp:

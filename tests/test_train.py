@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from test_datasets import GENES, write_dataset
+from test_datasets import GENES, build_synthetic_processed, write_dataset
 from torch import nn
 from torch.nn import functional as F
 
@@ -287,26 +287,7 @@ def test_bad_settings_name_the_key(dataset_dir, tmp_path, built):
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     """Three synthetic Visium samples taken through the real stages: genes, normalisation, patches, folds."""
-    from cmrcnet.data.folds import write_folds
-    from cmrcnet.data.genes import normalise_sample, select_genes
-    from cmrcnet.data.patches import extract_patches
-    from cmrcnet.data.synthetic import synthesize_sample
-
-    root = tmp_path_factory.mktemp("synthetic")
-    raw, proc = root / "raw", root / "processed"
-    samples = ["A", "B", "C"]
-    for i, s in enumerate(samples):
-        synthesize_sample(raw, s, technology="visium", sample_index=i, seed=3, patient=s, width_um=1000,
-                          height_um=1000, n_genes=200)
-    st = {s: raw / "st" / f"{s}.h5ad" for s in samples}
-    select_genes(st, proc / "genes.tsv", method="hvg_union", dataset="syn", n_top_hvg=20)
-    for s in samples:
-        normalise_sample(st[s], proc / "genes.tsv", proc / "st" / f"{s}.h5ad", sample=s, dataset="syn")
-        extract_patches(raw / "wsis" / f"{s}.tif", st[s], raw / "metadata" / f"{s}.json", proc / "patches" / f"{s}.h5",
-                        proc / "patches" / f"{s}.parquet", sample=s, patch_px=32, um_per_px=2.0, progress=False)
-    write_folds({s: raw / "metadata" / f"{s}.json" for s in samples}, proc / "folds.tsv",
-                scheme="leave_one_sample_out", dataset="syn")
-    return proc
+    return build_synthetic_processed(tmp_path_factory.mktemp("synthetic"), patch_px=32, um_per_px=2.0)[1]
 
 
 def test_learns_on_synthetic_slides(synthetic_dir, tmp_path, built):
