@@ -67,16 +67,6 @@ def _embed_images(model, dataset, device, batch_size: int, num_workers: int) -> 
 
 
 @torch.no_grad()
-def _embed_expression(model, expression: np.ndarray, device, batch_size: int) -> torch.Tensor:
-    out = []
-    for lo in range(0, len(expression), batch_size):
-        chunk = torch.from_numpy(expression[lo: lo + batch_size]).to(device)
-        with _autocast(device):
-            out.append(model.embed_expression(chunk).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def _regress_spots(model, dataset, device, batch_size: int, num_workers: int, tta: bool) -> np.ndarray:
     codes = range(8) if tta else (0,)
     out = []
@@ -156,6 +146,7 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
     truth = data.expression(test)
     layers, labels = {}, {}
     if model.kind == "retrieval":
+        from cmrcnet.inference.bank import embed_expression
         from cmrcnet.inference.retrieval import predict_by_retrieval
 
         reference = data.all_spots(data.train_samples)  # every training spot, validation spots included
@@ -165,7 +156,7 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
             raise input_error(f"evaluation.k ({ks[-1]})", f"more neighbours than the {len(ref_expr)} training "
                                                           f"spots of fold {fold}")
         queries = _embed_images(model, data.spot_dataset(test, model.input_size), dev, batch_size, num_workers)
-        refs = _embed_expression(model, ref_expr, dev, batch_size)
+        refs = embed_expression(model, ref_expr, dev, batch_size)
         preds = predict_by_retrieval(queries, refs, ref_expr, ks, weighted=weighted, device=dev)
         for k in ks:
             layers[f"k{k}"], labels[f"k{k}"] = preds[k], f"{method}-k{k}"
