@@ -12,11 +12,12 @@ result is exact, not approximate, up to the rounding of float32 products (see "O
 
 How (per query block): the first reference block goes through `torch.topk`; from then on each query has a
 k-th best similarity so far, and only similarities strictly above it can still enter its top k. Those are
-found with a cheap screen (the maximum of every run of 64 columns, then the passing runs entry by entry),
-pooled, and merged into the running top-k by a stable sort once k or more have been pooled. Late in a long
-reference set almost nothing passes, so the cost approaches that of the matrix product alone.
+found with one compare per block on the CPU, and on a GPU with a cheap screen (the maximum of every run of 64
+columns, then the passing runs entry by entry); they are pooled, and merged into the running top-k by a stable
+sort once k or more have been pooled. Late in a long reference set almost nothing passes, so the cost approaches
+that of the matrix product alone.
 
-On the CPU the screen's compares, the search for the passing entries and the merge's sort run on numpy views
+On the CPU the compare, the search for the passing entries and the merge's sort run on numpy views
 of the same memory (no copies): torch's CPU `nonzero` costs ~6 ns per entry of a bool mask and a broadcast
 `torch.gt` ~2 ns, against ~0.3-0.5 and ~0.5 ns for `np.flatnonzero` and `np.greater` (2-core EPYC, torch
 2.14), and numpy's stable argsort (timsort) profits from the running top-k already being sorted (~1.5x faster
@@ -159,31 +160,33 @@ def _hits(sims: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor) -> tu
     Late in a search few entries pass, so the block is first screened by the maximum of each run of `_CHUNK`
     columns (a fast reduction) and only the runs whose maximum passes are compared entry by entry; when many
     runs pass, one compare over the whole block (into the reusable bool buffer `mask`) is cheaper. On the CPU
-    the compares and the search for True entries go through numpy views of the same memory: `np.flatnonzero`
-    is an order of magnitude faster than `torch.nonzero` (about 0.5 against 6 ns per entry on a 2-core EPYC).
+    the work is done by `_flat_hits` on numpy views of the same memory.
     """
     n, m = sims.shape
-    if sims.device.type != "cpu":
-        if m % _CHUNK == 0:
-            runs = sims.view(n, m // _CHUNK, _CHUNK)
-            passing = torch.nonzero(runs.amax(dim=2) > threshold)
-            if passing.shape[0] * 4 <= n * (m // _CHUNK):
-                rows, run = passing[:, 0], passing[:, 1]
-                inner = torch.nonzero(runs[rows, run] > threshold[rows])
-                return rows[inner[:, 0]], run[inner[:, 0]] * _CHUNK + inner[:, 1]
-        hits = torch.nonzero(torch.gt(sims, threshold, out=mask))
-        return hits[:, 0], hits[:, 1]
-    values, cut = sims.numpy(), threshold.numpy()
+    if sims.device.type == "cpu":
+        flat = torch.from_numpy(_flat_hits(sims.numpy(), threshold.numpy(), mask.numpy()))
+        return flat // m, flat % m
     if m % _CHUNK == 0:
-        n_runs = m // _CHUNK
-        passing = np.flatnonzero(sims.view(n, n_runs, _CHUNK).amax(dim=2).numpy() > cut)
-        if passing.size * 4 <= n * n_runs:
-            rows, run = passing // n_runs, passing % n_runs
-            inner = np.flatnonzero(values.reshape(n, n_runs, _CHUNK)[rows, run] > cut[rows])
-            which, offset = inner // _CHUNK, inner % _CHUNK
-            return torch.from_numpy(rows[which]), torch.from_numpy(run[which] * _CHUNK + offset)
-    flat = np.flatnonzero(np.greater(values, cut, out=mask.numpy()))
-    return torch.from_numpy(flat // m), torch.from_numpy(flat % m)
+        runs = sims.view(n, m // _CHUNK, _CHUNK)
+        passing = torch.nonzero(runs.amax(dim=2) > threshold)
+        if passing.shape[0] * 4 <= n * (m // _CHUNK):
+            rows, run = passing[:, 0], passing[:, 1]
+            inner = torch.nonzero(runs[rows, run] > threshold[rows])
+            return rows[inner[:, 0]], run[inner[:, 0]] * _CHUNK + inner[:, 1]
+    hits = torch.nonzero(torch.gt(sims, threshold, out=mask))
+    return hits[:, 0], hits[:, 1]
+
+
+def _flat_hits(values: np.ndarray, cut: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`_hits` on the CPU, as sorted flat (row-major) indices into `values`: one compare over the whole block
+    into the reusable bool buffer `mask`, then `np.flatnonzero`.
+
+    numpy, not torch: `np.flatnonzero` is an order of magnitude faster than torch's CPU `nonzero` (about 0.5
+    against 6 ns per entry on a 2-core EPYC). No screen by run maxima here: on a 512 x 8192 block the plain
+    compare took 3.5 ms whether 1, 8 or 50 entries per row passed, a screen by strided runs of 64 columns 3.6,
+    9.6 and 13 ms (its gather of the passing runs is scattered in memory), by adjacent runs more still.
+    """
+    return np.flatnonzero(np.greater(values, cut, out=mask))
 
 
 def _above_threshold(
@@ -196,8 +199,22 @@ def _above_threshold(
     to the threshold are left out on purpose: the threshold is the similarity of a neighbour already found,
     which has a lower index, so they cannot enter the top k. `mask` is a reusable bool buffer shaped as `sims`.
     """
+    n, m = sims.shape
+    if sims.device.type == "cpu":  # numpy's flat indexing: torch's 2-d scatter on the CPU cost ~10 % of a search
+        flat = _flat_hits(sims.numpy(), threshold.numpy(), mask.numpy())
+        rows = flat // m
+        counts = np.bincount(rows, minlength=n)
+        longest = int(counts.max()) if flat.size else 0
+        if longest > limit:
+            return None
+        position = np.arange(flat.size) - (np.cumsum(counts) - counts)[rows]
+        slots = rows * longest + position
+        values = np.full(n * longest, -np.inf, dtype=np.float32)
+        values[slots] = sims.numpy().reshape(-1)[flat]
+        columns = np.zeros(n * longest, dtype=np.int64)
+        columns[slots] = flat - rows * m
+        return torch.from_numpy(values.reshape(n, longest)), torch.from_numpy(columns.reshape(n, longest))
     rows, cols = _hits(sims, threshold, mask)
-    n = sims.shape[0]
     if rows.shape[0] == 0:
         return sims.new_empty((n, 0)), cols.new_empty((n, 0))
     counts = torch.bincount(rows, minlength=n)
