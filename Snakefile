@@ -1,6 +1,7 @@
 # CMRCNet pipeline: HEST-1k (or local or synthetic) data -> genes -> folds -> patches -> ...
 # Demo on a laptop:   snakemake --cores 2            (config/config.yaml)
 # The paper's data:   snakemake --cores 8 --configfile config/paper.yaml
+# HEST-Benchmark:     snakemake --cores 8 --configfile config/hestbench.yaml
 
 from snakemake.utils import min_version
 
@@ -18,11 +19,13 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/patches.smk"
 include: "rules/weights.smk"
+include: "rules/embed.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/figures.smk"
 include: "rules/slides.smk"
+include: "rules/hestbench.smk"
 
 
 rule all:

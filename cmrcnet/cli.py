@@ -80,11 +80,34 @@ def _fetch(args) -> None:
 
 
 def _fetch_weights(args) -> None:
-    from cmrcnet.weights import fetch_weights
+    from cmrcnet.weights import fetch_weights, import_local_weights
 
+    if args.from_file and len(args.names) != 1:
+        raise input_error("--from-file", "give exactly one encoder name")
     for name in args.names:
-        path = fetch_weights(name, Path(args.dir) / name, revision=args.revision)
+        if args.from_file:
+            path = import_local_weights(name, args.from_file, Path(args.dir) / name)
+        else:
+            path = fetch_weights(name, Path(args.dir) / name, revision=args.revision)
         print(f"{name}: {path} (checksum in {path.parent / 'SOURCE.json'})")
+
+
+def _list_encoders(args) -> None:
+    from cmrcnet.encoders import get_encoder, list_encoders
+
+    for name in list_encoders():
+        spec = get_encoder(name)
+        hub = f"{spec.hub.repo_id}/{spec.hub.filename}{' (gated)' if spec.hub.gated else ''}" if spec.hub else "-"
+        print(f"{name:20s} dim {spec.embed_dim:5d}  {spec.input_size:4d} px  {hub}")
+
+
+def _embed(args) -> None:
+    from cmrcnet.inference.embed import embed_patches
+
+    summary = embed_patches(args.encoder, args.weights, args.patches, args.out, dtype=args.dtype,
+                            batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                            amp=not args.no_amp)
+    print(f"{args.out}: {summary}")
 
 
 def _link(args) -> None:
@@ -236,11 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extras", nargs="*", default=[])
     p.set_defaults(func=_fetch)
 
-    p = sub.add_parser("fetch-weights", help="download timm ImageNet weights (e.g. resnet50.a1_in1k) once, with checksum")
-    p.add_argument("names", nargs="+", help="timm weight names, architecture.tag")
+    p = sub.add_parser("fetch-weights", help="download weights once, with checksum: timm ImageNet weights (e.g. "
+                                             "resnet50.a1_in1k) or a registered encoder (uni, ctranspath, ...)")
+    p.add_argument("names", nargs="+", help="timm weight names (architecture.tag) or registered encoder names")
     p.add_argument("--dir", default="weights", help="weights go to DIR/NAME/model.safetensors + SOURCE.json")
     p.add_argument("--revision", help="hub commit or tag (default main)")
+    p.add_argument("--from-file", help="import this local weight file for the (one) encoder named, not the hub")
     p.set_defaults(func=_fetch_weights)
+
+    p = sub.add_parser("list-encoders", help="the registered frozen encoders: embedding size, input size, hub file")
+    p.set_defaults(func=_list_encoders)
+
+    p = sub.add_parser("embed", help="embed a patch HDF5 file with a registered encoder (the embedding cache)")
+    p.add_argument("encoder")
+    p.add_argument("patches", help="patch HDF5 (img, barcode), as extract_patches or HEST-Benchmark write them")
+    p.add_argument("--weights", help="model.safetensors from fetch-weights (default: random weights, with a warning)")
+    p.add_argument("--out", required=True, help="the cache file to write (.h5)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("link", help="validate samples of a local HEST-layout folder and symlink them")
     p.add_argument("source")

@@ -71,6 +71,8 @@ def check_config(config: dict, where: str | Path = "config", planning: bool = Tr
     imports (timm encoders, recipe weights, k against synthetic spot counts); a cluster job's own Snakemake
     process, which re-reads the workflow for every job, skips them: they were checked when the run was planned.
     """
+    if not config["datasets"] and not (config.get("hestbench") or {}).get("tasks"):
+        raise input_error(where, "datasets: name at least one dataset (or hestbench.tasks for the HEST-Benchmark alone)")
     seen: dict[str, str] = {}
     for name, ds in config["datasets"].items():
         key = f"datasets.{name}"
@@ -99,6 +101,8 @@ def check_config(config: dict, where: str | Path = "config", planning: bool = Tr
         if unknown:
             raise input_error(where, f"methods.{name}.datasets: unknown datasets {', '.join(unknown)}; "
                                      f"known: {', '.join(config['datasets'])}")
+        if method.get("model") in PROBE_MODELS:
+            _check_probe_method(method, f"methods.{name}", where, planning)
         if not planning:
             continue
         _check_encoder(method, f"methods.{name}.params.encoder", where)
@@ -110,7 +114,63 @@ def check_config(config: dict, where: str | Path = "config", planning: bool = Tr
         _check_k_fits_synthetic(config, name, where)
     for name, entry in config.get("predict_slides", {}).items():
         _check_slide_entry(config, name, entry, where)
+    if planning:
+        _check_hestbench(config, where)
     return config
+
+
+# Models fitted on frozen embeddings from the cache (rule probe), not trained by rule train.
+PROBE_MODELS = ("probe",)
+
+
+def _check_probe_method(method: dict, key: str, where, planning: bool) -> None:
+    """A probe method names a registered encoder and a probe kind with parameters it takes."""
+    params = method.get("params") or {}
+    unknown = sorted(set(params) - {"encoder", "probe", "probe_params"})
+    if unknown:
+        raise input_error(where, f"{key}.params: unknown {', '.join(unknown)}; a probe method takes encoder, probe "
+                                 "and probe_params")
+    for field in ("encoder", "probe"):
+        if not isinstance(params.get(field), str):
+            raise input_error(where, f"{key}.params.{field}: required for model probe")
+    if method.get("recipe", "paper") != "paper":
+        raise input_error(where, f"{key}.recipe: a probe has no training recipe; leave recipe out")
+    if not planning:
+        return
+    _check_registered_encoder(params["encoder"], f"{key}.params.encoder", where)
+    from cmrcnet.probes import make_probe
+
+    try:
+        make_probe(params["probe"], **(params.get("probe_params") or {}))
+    except CMRCNetError as err:
+        raise input_error(where, f"{key}.params: {err}") from None
+
+
+def _check_registered_encoder(name: str, key: str, where) -> None:
+    import difflib
+
+    from cmrcnet.encoders import is_encoder, list_encoders
+
+    if not is_encoder(name):
+        close = difflib.get_close_matches(str(name), list_encoders(), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"registered: {', '.join(list_encoders())}"
+        raise input_error(where, f"{key}: {name!r} is not a registered encoder (cmrcnet.encoders); {hint}")
+
+
+def _check_hestbench(config: dict, where) -> None:
+    bench = config.get("hestbench") or {}
+    for i, name in enumerate(bench.get("encoders", [])):
+        _check_registered_encoder(name, f"hestbench.encoders[{i}]", where)
+    if bench.get("tasks") and not bench.get("encoders"):
+        raise input_error(where, "hestbench.encoders: name at least one registered encoder to benchmark")
+    for name in config.get("weights", {}).get("local", {}):
+        _check_registered_encoder(name, f"weights.local.{name}", where)
+
+
+def probe_encoders(config: dict) -> list[str]:
+    """The encoders whose embeddings the probe methods read (each embedded once per sample, whatever the probes)."""
+    return sorted({m["params"]["encoder"] for m in config.get("methods", {}).values()
+                   if m.get("model") in PROBE_MODELS})
 
 
 def _check_slide_entry(config: dict, name: str, entry: dict, where) -> None:
@@ -119,6 +179,9 @@ def _check_slide_entry(config: dict, name: str, entry: dict, where) -> None:
     if entry["dataset"] not in config["datasets"]:
         raise input_error(where, f"{key}.dataset: unknown dataset {entry['dataset']!r}; known: "
                                  f"{', '.join(config['datasets'])}")
+    if config["methods"].get(entry["method"], {}).get("model") in PROBE_MODELS:
+        raise input_error(where, f"{key}.method: {entry['method']!r} is a probe on cached embeddings; slides are "
+                                 "predicted by a trained method")
     if entry["method"] not in methods_for(config, entry["dataset"]):
         raise input_error(where, f"{key}.method: {entry['method']!r} is not a method trained on {entry['dataset']} "
                                  f"(those are: {', '.join(methods_for(config, entry['dataset'])) or 'none'})")
@@ -245,5 +308,26 @@ def run_fingerprint(config: dict, dataset: str, method: str) -> str:
                            if k not in ("figure_gene", "paper_n_genes")}
     relevant["method"] = {k: v for k, v in config["methods"][method].items()
                           if k not in ("paper_name", "ablation", "datasets")}
+    if config["methods"][method].get("model") in PROBE_MODELS:  # its features: how they were embedded
+        relevant["encoders"] = config.get("encoders")
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def missing_weights_note(encoder: str, weights_path: str | Path, local: dict) -> str | None:
+    """One line saying where an encoder's missing weight file will come from (None when it is there): shown when
+    a run is planned, so that a run without the weights says which file it needs instead of failing later."""
+    if Path(weights_path).is_file():
+        return None
+    if encoder in local:
+        return f"{weights_path} is missing: rule fetch_weights imports {local[encoder]} (weights.local.{encoder})"
+    from cmrcnet.encoders import get_encoder
+
+    hub = get_encoder(encoder).hub
+    if hub is None:
+        return (f"{weights_path} is missing and encoder {encoder} has no hub file: set weights.local.{encoder} to "
+                "its weight file")
+    access = f"gated: accept its terms at {hub.url} and set HF_TOKEN" if hub.gated else "public"
+    return (f"{weights_path} is missing: rule fetch_weights will download {hub.filename} from {hub.repo_id} "
+            f"({access}), or set weights.local.{encoder} to a local copy")
+

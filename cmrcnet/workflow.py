@@ -45,8 +45,77 @@ def fetch_hest(smk) -> None:
 
 def fetch_weights(smk) -> None:
     from cmrcnet.weights import fetch_weights as fetch
+    from cmrcnet.weights import import_local_weights
 
-    fetch(smk.wildcards.name, Path(smk.output.weights).parent, revision=smk.params.revision)
+    out_dir = Path(smk.output.weights).parent
+    if smk.input.get("local"):
+        import_local_weights(smk.wildcards.name, smk.input.local, out_dir)
+    else:
+        fetch(smk.wildcards.name, out_dir, revision=smk.params.revision)
+
+
+def tiny_test_weights(smk) -> None:
+    from cmrcnet.encoders import write_tiny_test_weights
+    from cmrcnet.io import atomic_path
+
+    with atomic_path(smk.output[0]) as tmp:
+        write_tiny_test_weights(tmp, seed=int(smk.wildcards.seed))
+
+
+def embed(smk) -> None:
+    from cmrcnet.inference.embed import embed_patches
+
+    enc = smk.config["encoders"]
+    embed_patches(smk.wildcards.encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
+                  batch_size=enc["batch_size"], num_workers=enc["num_workers"], amp=enc["amp"])
+
+
+def probe(smk) -> None:
+    from cmrcnet.probes.fold import probe_fold
+
+    method = smk.config["methods"][smk.wildcards.method]
+    params = method["params"]
+    probe_fold(embeddings_dir=Path(smk.input.embeddings[0]).parent, dataset_dir=Path(smk.input.genes).parent,
+               fold=int(smk.wildcards.fold), out_path=smk.output[0], method=smk.wildcards.method,
+               probe=params["probe"], encoder=params["encoder"], params=params.get("probe_params") or {},
+               ks=smk.config["evaluation"]["k"], seed=smk.config["seed"], fingerprint=smk.params.fingerprint)
+
+
+def fetch_hestbench(smk) -> None:
+    from cmrcnet.data.hestbench import fetch_task
+
+    bench = smk.config["hestbench"]
+    fetch_task(smk.wildcards.task, smk.params.root, repo_id=bench["repo_id"], revision=bench["revision"])
+
+
+def embed_hestbench(smk) -> None:
+    from cmrcnet.inference.embed import embed_patches
+
+    enc = smk.config["encoders"]
+    embed_patches(smk.wildcards.encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
+                  batch_size=enc["batch_size"], num_workers=enc["num_workers"], amp=enc["amp"])
+
+
+def probe_hestbench(smk) -> None:
+    from cmrcnet.data.hestbench import probe_task
+
+    bench = smk.config["hestbench"]
+    probe = smk.wildcards.probe
+    params = dict(bench["probe_params"].get(probe) or {})
+    if probe == "knn":
+        params.setdefault("ks", smk.config["evaluation"]["k"])
+    probe_task(Path(smk.input.task).parent, dict(zip(smk.params.samples, smk.input.embeddings)), probe,
+               seed=bench["seed"], probe_params=params, encoder=smk.wildcards.encoder, out_json=smk.output[0])
+
+
+def hestbench_leaderboard(smk) -> None:
+    import json
+
+    from cmrcnet.evaluation.leaderboard import leaderboard, write_leaderboard
+
+    results = [json.loads(Path(p).read_text()) for p in smk.input.results]
+    table = leaderboard(results, source=smk.config["hestbench"]["published_source"])
+    write_leaderboard(table, smk.output.csv, smk.output.md)
 
 
 def link_local(smk) -> None:

@@ -2,17 +2,20 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate
 
 from cmrcnet.config import (
+    PROBE_MODELS,
     RETRIEVAL_MODELS,
     check_config,
     datasets_by_source,
     methods_for,
     planned_folds,
+    probe_encoders,
     run_fingerprint,
     validate_schema,
 )
@@ -46,6 +49,12 @@ RESULTS = config["results_dir"]
 WEIGHTS = config["weights"]["dir"]
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
+# probe methods are fitted on cached frozen embeddings (rule probe); the others are trained (rule train)
+PROBE_METHODS = [m for m in METHODS if config["methods"][m]["model"] in PROBE_MODELS]
+TRAINED_METHODS = [m for m in METHODS if m not in PROBE_METHODS]
+HESTBENCH = config["hestbench"]
+# every encoder embedded: those the probe methods read and those the HEST-Benchmark runs
+ENCODERS = sorted(set(probe_encoders(config)) | set(HESTBENCH["encoders"]))
 TRAIN_RESOURCES = config["resources"]["train"]
 PREDICT_RESOURCES = config["resources"]["predict"]
 
@@ -61,6 +70,10 @@ wildcard_constraints:
     method=one_of(METHODS),
     fold=r"\d+",
     slide=one_of(list(config["predict_slides"])),
+    encoder=one_of(ENCODERS),
+    task=one_of(HESTBENCH["tasks"]),
+    probe=one_of(HESTBENCH["probes"]),
+    bench_sample=r"[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
 def samples(dataset):
@@ -87,7 +100,19 @@ HISTORY = f"{RUN}/history.csv"
 TRAIN_SUMMARY = f"{RUN}/train.json"
 WEIGHTS_FILE = weights_file(WEIGHTS, "{name}")
 WEIGHTS_SOURCE = f"{WEIGHTS}/{{name}}/{SOURCE_FILE}"
-WEIGHT_NAMES = sorted({r["weights"] for r in RECIPES.values() if r["weights"]})
+WEIGHT_NAMES = sorted(
+    {r["weights"] for r in RECIPES.values() if r["weights"]} | set(ENCODERS)
+)
+# frozen embeddings of one sample's patches by one encoder (rule embed), read by the probes
+EMBEDDINGS = f"{PROC}/{{dataset}}/embeddings/{{encoder}}/{{sample}}.h5"
+# HEST-Benchmark (config/hestbench.yaml): its task files, embeddings, one result per task x encoder x probe
+BENCH_ROOT = f"{DATA}/hest-bench"
+BENCH_TASK = f"{BENCH_ROOT}/{{task}}/TASK.json"
+BENCH_EMBEDDINGS = (
+    f"{PROC}/hest-bench/{{task}}/embeddings/{{encoder}}/{{bench_sample}}.h5"
+)
+BENCH_RESULT = f"{RESULTS}/hest-bench/{{task}}/{{encoder}}/{{probe}}.json"
+LEADERBOARD = f"{RESULTS}/tables/hestbench_leaderboard"
 # the deployable model of a dataset x method: trained on every sample (fold `all`), carrying its reference bank
 DEPLOY_RUN = f"{MODELS}/{{dataset}}/{{method}}/all"
 DEPLOYABLE = f"{DEPLOY_RUN}/best.pt"
@@ -137,8 +162,33 @@ def method_weights(wildcards):
 
 
 def training_runs(dataset):
-    """(method, fold) of every training job planned for `dataset`."""
+    """(method, fold) of every training job planned for `dataset` (probe methods train nothing)."""
+    return [
+        (m, f)
+        for m in methods_for(config, dataset)
+        if m in TRAINED_METHODS
+        for f in FOLD_IDS[dataset]
+    ]
+
+
+def prediction_runs(dataset):
+    """(method, fold) of every prediction file of `dataset`: trained methods and probes."""
     return [(m, f) for m in methods_for(config, dataset) for f in FOLD_IDS[dataset]]
+
+
+def probe_embeddings(wildcards):
+    """Every sample's cached embeddings by the encoder a probe method reads."""
+    return expand(
+        EMBEDDINGS,
+        dataset=wildcards.dataset,
+        encoder=config["methods"][wildcards.method]["params"]["encoder"],
+        sample=samples(wildcards.dataset),
+    )
+
+
+def encoder_weights(wildcards):
+    """The fetched (or imported) weight file of the wildcard's encoder (rule fetch_weights)."""
+    return WEIGHTS_FILE.format(name=wildcards.encoder)
 
 
 def fingerprints(dataset):
@@ -149,9 +199,11 @@ def fingerprints(dataset):
 
 
 def figure_methods(dataset):
-    """The methods a dataset's figures show: all but the ablation variants."""
+    """The methods a dataset's training curves show: trained ones but the ablation variants."""
     return [
-        m for m in methods_for(config, dataset) if not config["methods"][m]["ablation"]
+        m
+        for m in methods_for(config, dataset)
+        if not config["methods"][m]["ablation"] and m in TRAINED_METHODS
     ]
 
 
@@ -177,16 +229,25 @@ def all_targets():
         ]
         targets += [
             PREDICTIONS.format(dataset=ds, method=m, fold=f)
-            for m, f in training_runs(ds)
+            for m, f in prediction_runs(ds)
         ]
         targets += [
             f"{FIGURES.format(dataset=ds)}/{name}.{ext}"
             for name in FIGURE_NAMES
             for ext in ("png", "pdf")
         ]
-    targets += [f"{TABLES}/summary.csv"]
+    if DATASETS:
+        targets += [f"{TABLES}/summary.csv"]
     targets += slide_targets()
+    targets += hestbench_targets()
     return targets
+
+
+def hestbench_targets():
+    """The HEST-Benchmark leaderboard, when the config names tasks."""
+    if not HESTBENCH["tasks"]:
+        return []
+    return [f"{LEADERBOARD}.csv", f"{LEADERBOARD}.md"]
 
 
 def deployable_models():
@@ -195,6 +256,7 @@ def deployable_models():
         DEPLOYABLE.format(dataset=ds, method=m)
         for ds in DATASETS
         for m in methods_for(config, ds)
+        if m in TRAINED_METHODS
     ]
 
 
@@ -228,3 +290,28 @@ def slide_settings(slide):
     entry["weighted"] = config["evaluation"]["weighted"]
     entry["batch_size"] = config["evaluation"]["batch_size"]
     return json.dumps(entry, sort_keys=True)
+
+
+def bench_samples(task):
+    """The samples of a fetched task, in the order its manifest lists them."""
+    manifest = checkpoints.fetch_hestbench.get(task=task).output.task
+    return sorted(json.loads(Path(manifest).read_text())["samples"])
+
+
+def bench_patches(wildcards):
+    """A bench sample's patch file, as the task's manifest names it."""
+    manifest = checkpoints.fetch_hestbench.get(task=wildcards.task).output.task
+    entry = json.loads(Path(manifest).read_text())["samples"][wildcards.bench_sample]
+    return str(Path(manifest).parent / entry["patches"])
+
+
+# Say, once when a run is planned, where each encoder's missing weights will come from.
+if workflow.is_main_process:
+    from cmrcnet.config import missing_weights_note
+
+    for _name in ENCODERS:
+        _note = missing_weights_note(
+            _name, WEIGHTS_FILE.format(name=_name), config["weights"]["local"]
+        )
+        if _note:
+            print(f"note: {_note}", file=sys.stderr)

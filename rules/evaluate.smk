@@ -5,7 +5,7 @@ rule evaluate:
     input:
         predictions=lambda w: [
             PREDICTIONS.format(dataset=w.dataset, method=m, fold=f)
-            for m, f in training_runs(w.dataset)
+            for m, f in prediction_runs(w.dataset)
         ],
         st=lambda w: expand(NORMALISED, dataset=w.dataset, sample=samples(w.dataset)),
         # predictions record the gene and fold tables they were made from; older ones are refused

@@ -5,7 +5,7 @@ rule figures:
     input:
         predictions=lambda w: [
             PREDICTIONS.format(dataset=w.dataset, method=m, fold=f)
-            for m, f in training_runs(w.dataset)
+            for m, f in prediction_runs(w.dataset)
         ],
         scores=SCORES,
         gene_sets=GENE_SET_TABLE,

@@ -13,6 +13,8 @@ rule predict:
         PREDICTIONS,
     log:
         f"{LOGS}/predict/{{dataset}}/{{method}}/fold{{fold}}.log",
+    wildcard_constraints:
+        method=one_of(TRAINED_METHODS),
     conda:
         "../envs/cmrcnet.yaml"
     threads: PREDICT_RESOURCES["cpus"]

@@ -14,6 +14,8 @@ rule train:
         summary=TRAIN_SUMMARY,
     log:
         f"{LOGS}/train/{{dataset}}/{{method}}/fold{{fold}}.log",
+    wildcard_constraints:
+        method=one_of(TRAINED_METHODS),
     conda:
         "../envs/cmrcnet.yaml"
     threads: TRAIN_RESOURCES["cpus"]

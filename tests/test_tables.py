@@ -26,6 +26,11 @@ CONFIG = {"methods": {
 }}
 
 
+# the HEST-bench table says its gene list is derived from the dataset, not the benchmark's published one
+HEST_GENES_NOTE = ("Pearson r over each fold's whole test split; gene list derived from each dataset (the "
+                   "highest-variance genes every sample expresses, evaluation.hest_bench_genes), not the benchmark's "
+                   "published lists, which config/hestbench.yaml uses on the benchmark's own tasks")
+
 def labels_for(*labels: str):
     """label_info for labels written as the predictions name them: `stnet`, `stnet-tta`, `bleep-k50`."""
     rows = []
@@ -403,3 +408,210 @@ def test_figure_labels_one_per_main_method_at_the_smallest_k_in_config_order():
         ("cmrcnet-k50", "cmrcnet", "k50")]])
     config = {**CONFIG, "evaluation": {"k": [250, 50]}}
     assert figure_labels(rows, config) == ["stnet", "bleep-k50", "cmrcnet-k50"]
+
+
+# ------------------------------------------------------------------------------------------------ build_tables
+
+BT_GENES = [f"G{i}" for i in range(12)]
+BT_SETS = {  # (protocol, dataset): {gene set: genes}, the same on every fold
+    ("paper", "SKCM"): {"HEG50": BT_GENES[:5], "HVG50": BT_GENES[3:9], "marker": ["G1"], "HEG150": BT_GENES[:10],
+                        "HVG150": BT_GENES[2:]},
+    ("paper", "COAD"): {"HEG50": BT_GENES[:5], "HVG50": BT_GENES[3:9], "HEG150": BT_GENES[:10],
+                        "HVG150": BT_GENES[2:]},
+    ("hest-bench", "SKCM"): {"hest12": BT_GENES},
+    ("hest-bench", "COAD"): {"hest6": BT_GENES[:6]},
+}
+# label: (method, layer, base r); the rows come in no particular order, as the predictions list them
+BT_LABELS = {
+    "cmrcnet-mask03-k50": ("cmrcnet-mask03", "k50", 0.31), "stnet-tta": ("stnet", "tta", 0.12),
+    "cmrcnet-k500": ("cmrcnet", "k500", 0.36), "ctp": ("ctp", "pred", 0.40), "bleep-k500": ("bleep", "k500", 0.24),
+    "cmrcnet-none-k500": ("cmrcnet-none", "k500", 0.27), "stnet": ("stnet", "pred", 0.10),
+    "cmrcnet-k50": ("cmrcnet", "k50", 0.33), "bleep-k50": ("bleep", "k50", 0.21),
+    "cmrcnet-none-k50": ("cmrcnet-none", "k50", 0.29), "cmrcnet-k250": ("cmrcnet", "k250", 0.35),
+}
+BT_HEST = ["stnet", "bleep-k50", "cmrcnet-k500", "cmrcnet-none-k50", "extra"]  # "extra": scored, no label row
+BT_CONFIG = {
+    "evaluation": {"k": [500, 50, 250], "undefined_r": "omit", "hest_bench_genes": 12, "top_genes": [50, 150]},
+    "datasets": {"SKCM": {"marker_genes": ["G1"]}, "COAD": {"marker_genes": []}},  # config order: SKCM first
+    "methods": {**CONFIG["methods"], "ctp": {"model": "foundation", "paper_name": "cTransPath", "params": {}}},
+}
+NOTE_OMIT = ("mean ± sd over folds; in brackets the paper's value and our difference; an undefined r (constant truth "
+             "or prediction) is left out of the means (`undefined_r: omit`)")
+NOTE_ZERO = ("mean ± sd over folds; in brackets the paper's value and our difference; an undefined r (constant truth "
+             "or prediction) counts as 0, as in the authors' evaluation")
+
+
+def bt_r(gene, fold, dataset, base, i):
+    """A label's r: its base, +0.02 per gene index, -0.01 in fold 1, +0.005 on COAD, and a small term that differs
+    by label (its position i), gene and fold, so that no two paired differences tie (scipy's Wilcoxon is slow on
+    ties)."""
+    g = int(gene[1:])
+    return base + 0.02 * g - 0.01 * fold + (0.005 if dataset == "COAD" else 0.0) + i * (1e-4 * (g + 1) + 3e-5 * fold)
+
+
+def bt_inputs(labels=BT_LABELS, hest=BT_HEST, datasets=("COAD", "SKCM")):
+    """(scores, gene_sets, label_rows) as evaluate_dataset returns them: two folds (one test sample each) per
+    dataset; SKCM's stnet has an undefined r for G3 in fold 0."""
+    scores, sets = [], []
+    for (protocol, dataset), gene_sets in BT_SETS.items():
+        if dataset not in datasets:
+            continue
+        for fold, sample in enumerate((f"{dataset}-a", f"{dataset}-b")):
+            for gs, genes in gene_sets.items():
+                sets += [{"protocol": protocol, "dataset": dataset, "fold": fold, "sample": sample, "gene_set": gs,
+                          "gene": g} for g in genes]
+            scored = labels if protocol == "paper" else hest
+            for label in scored:
+                for g in BT_GENES:
+                    undefined = (dataset, label, fold, g) == ("SKCM", "stnet", 0, "G3")
+                    base, i = (labels[label][2], list(labels).index(label)) if label in labels else (0.05, 20)
+                    r = math.nan if undefined else bt_r(g, fold, dataset, base, i)
+                    scores.append({"protocol": protocol, "dataset": dataset, "method": label, "fold": fold,
+                                   "sample": sample, "gene": g, "r": r,
+                                   "nan_reason": "constant prediction" if undefined else "", "mean_expr": 1.0,
+                                   "var_expr": 1.0})
+    label_rows = pd.DataFrame([{"label": lab, "method": m, "layer": layer, "fold": f}
+                               for f in (0, 1) for lab, (m, layer, _) in labels.items()])
+    return pd.DataFrame(scores), pd.DataFrame(sets), label_rows
+
+
+def hand_mean(label, genes, fold, dataset, labels=BT_LABELS):
+    """The mean r over `genes` of one label in one fold (one test sample per fold), from bt_r directly."""
+    base, i = labels[label][2], list(labels).index(label)
+    return sum(bt_r(g, fold, dataset, base, i) for g in genes) / len(genes)
+
+
+def in_hand_order(table, order, undefined_r):
+    """`table` with its rows in the given (dataset, method) order, and the rule column build_tables adds."""
+    keys = ["dataset", "method"] if "dataset" in table.columns else ["method"]
+    lookup = {tuple(row): i for i, row in enumerate(table[keys].itertuples(index=False))}
+    assert len(order) == len(lookup) and set(order) == set(lookup)
+    return table.iloc[[lookup[key] for key in order]].reset_index(drop=True).assign(undefined_r=undefined_r)
+
+
+def test_build_tables_puts_each_table_in_config_order_with_its_title_note_and_rule(caplog):
+    """build_tables on hand-made scores: the summary it builds on (hand-checked means, its bootstrap seed and
+    size), which labels enter the Wilcoxon tests and Table 3 (the paper's comparison, no ablation), the k each
+    table is built at, the rows in config order (datasets, then methods, then k, then TTA), every title and note,
+    and the undefined-r rule everywhere."""
+    from cmrcnet.evaluation.stats import best_genes, count_nan, summarise, wilcoxon_between_methods
+    from cmrcnet.evaluation.tables import build_tables, hest_bench_table, table4
+
+    scores, sets, label_rows = bt_inputs()
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        paper_tables, plain = build_tables(scores, sets, label_rows, BT_CONFIG, n_boot=30, seed=7)
+
+    summary = summarise(scores, sets, n_boot=30, seed=7, undefined_r="omit")
+    assert not summary[["ci_low", "ci_high"]].equals(
+        summarise(scores, sets, n_boot=30, seed=8, undefined_r="omit")[["ci_low", "ci_high"]])  # the seed counts
+    pd.testing.assert_frame_equal(plain["summary"], summary)
+    # by hand: SKCM stnet HEG50 (G0..G4), G3 left out of fold 0 (omit)
+    row = plain["summary"].set_index(["protocol", "dataset", "method", "gene_set"]).loc[
+        ("paper", "SKCM", "stnet", "HEG50")]
+    folds = [hand_mean("stnet", ["G0", "G1", "G2", "G4"], 0, "SKCM"), hand_mean("stnet", BT_GENES[:5], 1, "SKCM")]
+    assert row["mean_r"] == pytest.approx(sum(folds) / 2)
+    assert row["sd_r"] == pytest.approx(abs(folds[0] - folds[1]) / math.sqrt(2))
+    assert row["n_nan"] == 1
+
+    labels = label_info(BT_CONFIG, label_rows.to_dict("records"))
+    pd.testing.assert_frame_equal(plain["labels"], labels)
+    main = ["stnet-tta", "cmrcnet-k500", "ctp", "bleep-k500", "stnet", "cmrcnet-k50", "bleep-k50", "cmrcnet-k250"]
+    main_scores = scores[scores["method"].isin(main)]
+    wilcoxon = wilcoxon_between_methods(main_scores, sets, gene_set=["HEG50", "HVG50", "marker", "hest6", "hest12"],
+                                        undefined_r="omit").assign(undefined_r="omit")
+    assert {"paper", "hest-bench"} == set(wilcoxon["protocol"])
+    pd.testing.assert_frame_equal(plain["wilcoxon"], wilcoxon)
+    best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5, undefined_r="omit").assign(undefined_r="omit")
+    assert best.groupby(["dataset", "method"]).size().eq(5).all() and len(best) == 2 * len(main) * 5
+    pd.testing.assert_frame_equal(plain["table3_best_genes"], best)
+    pd.testing.assert_frame_equal(plain["nan_counts"], count_nan(scores))
+    assert list(plain) == ["summary", "wilcoxon", "table3_best_genes", "nan_counts", "labels"]
+
+    by_config = ["stnet", "stnet-tta", "bleep-k50", "bleep-k500", "cmrcnet-k50", "cmrcnet-k250", "cmrcnet-k500", "ctp"]
+    t1_rows = [(d, m) for d in ("SKCM", "COAD") for m in by_config if m != "cmrcnet-k250"]
+    t2_rows = [(d, m) for d in ("SKCM", "COAD") for m in by_config]
+    t4_rows = [(d, m) for d in ("SKCM", "COAD") for m in ("cmrcnet-k500", "ctp")]
+    t5_rows = [("cmrcnet-k50",), ("cmrcnet-none-k50",), ("cmrcnet-mask03-k50",)]
+    hest_rows = [(d, m) for d in ("SKCM", "COAD") for m in BT_HEST]
+    expected = {
+        "table1_top50": (in_hand_order(table1(summary, labels, [50, 250, 500]), t1_rows, "omit"), MAIN,
+                         "Table 1: top-50 HEG, HVG and marker genes",
+                         f'{NOTE_OMIT}. Retrieval methods at k = 50 and 500. "-": marker not computed: COAD lists no '
+                         'marker_genes.'),
+        "table2_extended": (in_hand_order(table2(summary, labels), t2_rows, "omit"), EXTENDED,
+                            "Table 2: top-150 and top-250 HEG and HVG",
+                            f'{NOTE_OMIT}. The paper pairs top-150 with k = 250 and top-250 with k = 500. "-": HEG250 '
+                            'not computed: evaluation.top_genes has no 250; HVG250 not computed: evaluation.top_genes '
+                            'has no 250.'),
+        "table4_foundation": (in_hand_order(table4(summary, labels, 500), t4_rows, "omit"), ["HEG50", "HVG50"],
+                              "Table 4: frozen foundation model vs CMRCNet (k = 500)",
+                              f"{NOTE_OMIT}. Empty until the config has a method with `model: foundation` or "
+                              "`model: probe`."),
+        "table5_ablation": (in_hand_order(table5(summary, labels, 50), t5_rows, "omit"), MAIN,
+                            "Table 5: CMRCNet ablation (k = 50, mean over datasets)",
+                            f'{NOTE_OMIT}. "-": marker not computed: COAD lists no marker_genes.'),
+        "hest_bench": (in_hand_order(hest_bench_table(summary, labels), hest_rows, "omit"), ["hest6", "hest12"],
+                       "HEST-bench: 6 / 12 fixed genes",
+                       f"{HEST_GENES_NOTE}; no paper values exist for this protocol; an "
+                       "undefined r (constant truth or prediction) is left out of the means (`undefined_r: omit`). "
+                       "Fewer genes than evaluation.hest_bench_genes (12) qualify in some datasets; each set is named "
+                       "by its real count (hest6)."),
+    }
+    assert list(paper_tables) == list(expected)
+    for name, (table, gene_sets, title, note) in expected.items():
+        got = paper_tables[name]
+        assert (got[1], got[2], got[3]) == (gene_sets, title, note), name
+        pd.testing.assert_frame_equal(got[0], table, obj=name)
+    # Table 1 by hand: CMRCNet-500 and the foundation model on SKCM, HEG50 = G0..G4
+    t1 = paper_tables["table1_top50"][0].set_index(["dataset", "method"])
+    for label in ("cmrcnet-k500", "ctp"):
+        want = (hand_mean(label, BT_GENES[:5], 0, "SKCM") + hand_mean(label, BT_GENES[:5], 1, "SKCM")) / 2
+        assert t1.loc[("SKCM", label), "HEG50_mean"] == pytest.approx(want)
+    assert t1.loc[("SKCM", "cmrcnet-k500"), "HEG50_paper"] == pytest.approx(0.3646)
+    assert [r.getMessage() for r in caplog.records if r.name == "cmrcnet"] == [
+        'tables: marker not computed: COAD lists no marker_genes; those columns show "-"',
+        'tables: HEG250 not computed: evaluation.top_genes has no 250; HVG250 not computed: evaluation.top_genes has '
+        'no 250; those columns show "-"']
+
+
+def test_build_tables_defaults_ablation_k_without_50_and_no_hest_bench():
+    """Without k = 50 the ablation table is at the smallest k; without evaluation.undefined_r the rule is `zero`
+    (and the summary's bootstrap 1000 draws, seed 0); without HEST-bench scores its table is empty and named after
+    evaluation.hest_bench_genes (default 50); without a foundation method Table 4 is empty."""
+    from cmrcnet.evaluation.stats import summarise
+    from cmrcnet.evaluation.tables import build_tables
+
+    labels = {"cmrcnet-none-k100": ("cmrcnet-none", "k100", 0.2), "cmrcnet-k20": ("cmrcnet", "k20", 0.3),
+              "cmrcnet-k100": ("cmrcnet", "k100", 0.25), "cmrcnet-none-k20": ("cmrcnet-none", "k20", 0.1),
+              "stnet": ("stnet", "pred", 0.15)}
+    scores, sets, label_rows = bt_inputs(labels, hest=[], datasets=("SKCM",))
+    scores = scores[scores["protocol"] == "paper"]
+    sets = sets[sets["protocol"] == "paper"]
+    config = {"evaluation": {"k": [100, 20], "top_genes": [50, 150, 250]}, "methods": CONFIG["methods"]}
+
+    paper_tables, plain = build_tables(scores, sets, label_rows, config)
+
+    pd.testing.assert_frame_equal(plain["summary"], summarise(scores, sets, n_boot=1000, seed=0, undefined_r="zero"))
+    t5, gene_sets, title, note = paper_tables["table5_ablation"]
+    assert title == "Table 5: CMRCNet ablation (k = 20, mean over datasets)" and note == NOTE_ZERO
+    assert t5["method"].tolist() == ["cmrcnet-k20", "cmrcnet-none-k20"]
+    assert t5["undefined_r"].tolist() == ["zero", "zero"]
+    # zero: stnet's undefined G3 counts as 0 in fold 0 of HEG50 (G0..G4)
+    t1, _, _, note1 = paper_tables["table1_top50"]
+    assert t1["method"].tolist() == ["stnet", "cmrcnet-k20", "cmrcnet-k100"]
+    stnet = t1.set_index("method").loc["stnet"]
+    four = hand_mean("stnet", ["G0", "G1", "G2", "G4"], 0, "SKCM", labels) * 4
+    assert stnet["HEG50_mean"] == pytest.approx((four / 5 + hand_mean("stnet", BT_GENES[:5], 1, "SKCM", labels)) / 2)
+    assert note1 == f"{NOTE_ZERO}. Retrieval methods at k = 20 and 100."
+    assert paper_tables["table2_extended"][3] == (
+        f'{NOTE_ZERO}. The paper pairs top-150 with k = 250 and top-250 with k = 500. "-": HEG250 not computed for '
+        'SKCM; HVG250 not computed for SKCM.')
+    assert paper_tables["table4_foundation"][0].empty
+    assert paper_tables["table4_foundation"][2] == "Table 4: frozen foundation model vs CMRCNet (k = 100)"
+    hest, hest_sets, hest_title, hest_note = paper_tables["hest_bench"]
+    assert hest.empty and hest_sets == ["hest50"] and hest_title == "HEST-bench: 50 fixed genes"
+    assert hest_note == (f"{HEST_GENES_NOTE}; no paper values exist for this protocol; an "
+                         "undefined r (constant truth or prediction) counts as 0, as in the authors' evaluation.")
+    assert set(plain["wilcoxon"]["method_a"]) | set(plain["wilcoxon"]["method_b"]) == {"stnet", "cmrcnet-k20",
+                                                                                        "cmrcnet-k100"}
+    assert set(plain["table3_best_genes"]["undefined_r"]) == {"zero"}

@@ -220,7 +220,7 @@ def plan_blocks(text: str) -> list[dict]:
     return jobs
 
 
-def test_paper_plan_fetches_two_weights_for_the_bleep_and_stnet_jobs_only():
+def test_paper_plan_fetches_each_weight_file_once_for_the_jobs_that_load_it():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     plan = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "-n", "all", "--configfile", "config/paper.yaml"],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
@@ -229,13 +229,20 @@ def test_paper_plan_fetches_two_weights_for_the_bleep_and_stnet_jobs_only():
     fetches = sorted(j["output"] for j in jobs if j["rule"] == "fetch_weights")
     expected = {"bleep": "weights/resnet50.a1_in1k/model.safetensors",
                 "stnet": "weights/densenet121.tv_in1k/model.safetensors"}
-    assert fetches == [f"{p}, {p.replace('model.safetensors', 'SOURCE.json')}" for p in sorted(expected.values())]
+    ctranspath = "weights/ctranspath/model.safetensors"  # Table 4's frozen encoder, read by the embed jobs
+    assert fetches == [f"{p}, {p.replace('model.safetensors', 'SOURCE.json')}"
+                       for p in sorted([*expected.values(), ctranspath])]
+    # planning says in one line where the missing cTransPath weights come from
+    assert "fm_v1/ctranspath/ctranspath.pth from MahmoodLab/hest-bench" in plan.stderr
     runs = [j for j in jobs if j["rule"] in ("train", "predict")]
     assert len(runs) == 2 * 264
     for job in runs:
         method = re.search(r"method=([^,]+)", job["wildcards"]).group(1)
         weights = [f for f in job["input"].split(", ") if f.startswith("weights/")]
         assert weights == ([expected[method]] if method in expected else []), (job["rule"], method, weights)
+    embeds = [j for j in jobs if j["rule"] == "embed"]
+    assert embeds and all(ctranspath in j["input"].split(", ") for j in embeds)
+    assert all(j["output"].split("/")[3] == "ctranspath" for j in embeds)  # processed/{ds}/embeddings/ctranspath/
 
 
 def test_fetch_weights_runs_as_a_localrule_and_feeds_training(hub, tmp_path):

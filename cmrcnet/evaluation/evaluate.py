@@ -82,7 +82,8 @@ def evaluate_dataset(prediction_paths: Sequence[str | Path], normalised: Mapping
     if "hest-bench" in protocols:
         bench = bench_genes_of(normalised, hest_bench_n, hest_bench_min_fraction, dataset)
         bench_set = f"hest{len(bench)}"  # the real count: fewer genes may qualify than evaluation.hest_bench_genes
-        log.info("%s: HEST-bench on %d fixed genes (gene set %s)", dataset, len(bench), bench_set)
+        log.info("%s: HEST-bench on %d fixed genes (gene set %s), derived from this dataset (not a published list)",
+                 dataset, len(bench), bench_set)
     scores, sets, label_rows = [], [], []
     genes_ref, seen = None, set()
     for path in prediction_paths:

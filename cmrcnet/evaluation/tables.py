@@ -114,13 +114,15 @@ def table2(summary: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
 
 
 def table4(summary: pd.DataFrame, labels: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Frozen foundation models (model `foundation`) vs CMRCNet at k neighbours (the paper: cTransPath vs
-    CMRCNet-500), top-50 HEG and HVG. Empty when the config has no foundation method."""
+    """Frozen foundation models (model `foundation`, or a `probe` on an encoder's cached embeddings; a retrieval
+    probe at k neighbours) vs CMRCNet at k neighbours (the paper: cTransPath vs CMRCNet-500), top-50 HEG and HVG.
+    Empty when the config has no such method."""
     sets = ["HEG50", "HVG50"]
     wide = _wide(summary[summary["protocol"] == "paper"], labels, sets)
-    if wide.empty or not (wide["model"] == "foundation").any():
+    frozen_models = ["foundation", "probe"]
+    if wide.empty or not wide["model"].isin(frozen_models).any():
         return pd.DataFrame()
-    foundation = (wide["model"] == "foundation") & ~wide["tta"].astype(bool)
+    foundation = wide["model"].isin(frozen_models) & ~wide["tta"].astype(bool) & (wide["k"].isna() | (wide["k"] == k))
     cmrcnet = (wide["model"] == "cmrcnet") & (wide["k"] == k) & ~wide["ablation"].astype(bool)
     wide = wide[foundation | cmrcnet].copy()
     paper = paper_table("table4_foundation")
@@ -367,15 +369,17 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
                                           why["extended"])),
         "table4_foundation": (in_order(table4(summary, labels, max(ks))), ["HEG50", "HVG50"],
                               f"Table 4: frozen foundation model vs CMRCNet (k = {max(ks)})",
-                              _with_reasons(f"{note}. Empty until the config has a method with `model: foundation`.",
-                                            why["top50"])),
+                              _with_reasons(f"{note}. Empty until the config has a method with `model: foundation` "
+                                            "or `model: probe`.", why["top50"])),
         "table5_ablation": (in_order(table5(summary, labels, ablation_k)), MAIN_SETS,
                             f"Table 5: CMRCNet ablation (k = {ablation_k}, mean over datasets)",
                             _with_reasons(note, why["main"])),
         "hest_bench": (in_order(hest_bench_table(summary, labels)), hest_columns,
                        f"HEST-bench: {' / '.join(g[4:] for g in hest_columns)} fixed genes",
-                       "Pearson r over each fold's whole test split; no paper values exist for this protocol; "
-                       f"{UNDEFINED_R_NOTES[undefined_r]}.{hest_note}"),
+                       "Pearson r over each fold's whole test split; gene list derived from each dataset (the "
+                       "highest-variance genes every sample expresses, evaluation.hest_bench_genes), not the "
+                       "benchmark's published lists, which config/hestbench.yaml uses on the benchmark's own tasks; "
+                       f"no paper values exist for this protocol; {UNDEFINED_R_NOTES[undefined_r]}.{hest_note}"),
     }
     plain = {"summary": summary, "wilcoxon": wilcoxon, "table3_best_genes": best, "nan_counts": count_nan(scores),
              "labels": labels}

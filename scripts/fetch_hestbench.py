@@ -1,0 +1,10 @@
+"""Snakemake entry point for rule `fetch_hestbench` (logic in cmrcnet.workflow.fetch_hestbench)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - importable without installing
+
+from cmrcnet import workflow
+
+workflow.run(snakemake, workflow.fetch_hestbench)  # noqa: F821
