@@ -21,6 +21,15 @@ def methods(path):
 @pytest.mark.parametrize("path, name, method, train", [m for p in CONFIGS for m in methods(p)],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_configured_method_builds(path, name, method, train):
+    if method["model"] == "probe":  # a probe on cached embeddings: its encoder and probe build instead
+        from cmrcnet.encoders import get_encoder
+        from cmrcnet.probes import make_probe
+
+        with torch.device("meta"):
+            encoder = get_encoder(method["params"]["encoder"]).build()
+        assert sum(p.numel() for p in encoder.parameters()) > 0
+        make_probe(method["params"]["probe"], **method["params"].get("probe_params", {}))
+        return
     resolve_train_cfg(train, method, name)
     with torch.device("meta"):  # shapes and settings only: no memory for the paper-size weights
         model = create_model(method["model"], n_genes=300, **method["params"])
