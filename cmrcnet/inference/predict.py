@@ -124,7 +124,6 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
                  tta: bool = False, batch_size: int = 256, num_workers: int = 0, device: str | None = None,
                  fingerprint: str | None = None, expected_model: str | None = None) -> dict:
     """Predict fold `fold`'s test samples with the model in `model_path`; write the AnnData to `out_path`."""
-    import anndata as ad
 
     from cmrcnet.train import fingerprint_hash
 
@@ -168,30 +167,38 @@ def predict_fold(*, model_path, dataset_dir, fold: int, out_path, method: str, k
         if tta:
             layers["tta"], labels["tta"] = _regress_spots(model, dataset, dev, batch_size, num_workers, True), \
                 f"{method}-tta"
-    for name, values in layers.items():
-        if values.shape != truth.shape:
-            raise RuntimeError(f"{method} fold {fold}: prediction {name} has shape {values.shape}, truth {truth.shape}")
-        if not np.isfinite(values).all():
-            raise input_error(f"{method} fold {fold}", f"prediction {name} contains NaN or infinite values")
-
-    import pandas as pd
-
-    obs = _test_obs(data, test)
-    result = ad.AnnData(X=truth.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(data.genes)),
-                        layers={k: v.astype(np.float32) for k, v in layers.items()})
     info = {"method": method, "model_name": ckpt["model_name"], "kind": model.kind, "fold": int(fold),
             "test_samples": data.test_samples, "train_samples": data.train_samples, "labels": labels,
             "ks": list(ks) if model.kind == "retrieval" else [], "weighted": bool(weighted), "tta": bool(tta),
             "model_path": str(model_path), "best_epoch": ckpt.get("epoch"), "device": str(dev),
             "fingerprint": fingerprint, "inputs": inputs,
             "model_fingerprint": fingerprint_hash(ckpt["fingerprint"]) if ckpt.get("fingerprint") else None}
-    result.uns["labels"] = labels
-    result.uns["cmrcnet"] = json.dumps({**info, "provenance": provenance()}, default=str)
-    with atomic_path(out_path) as tmp:
-        result.write_h5ad(tmp)
+    result = write_prediction_file(out_path, data, test, truth, layers, info)
     log.info("%s fold %d: %d test spots of %s predicted (%s)", method, fold, result.n_obs,
              ", ".join(data.test_samples), ", ".join(labels.values()))
     return info
+
+
+def write_prediction_file(out_path, data, test, truth: np.ndarray, layers: dict[str, np.ndarray], info: dict):
+    """The prediction file evaluation scores, for a trained model or a probe: X = the test spots' truth, one layer
+    per prediction (k50, pred, tta, ...), obs = sample, barcode and pixel centre, uns = labels and `info` with
+    provenance. Each layer is checked against the truth first; written atomically. Returns the AnnData."""
+    import anndata as ad
+    import pandas as pd
+
+    where = f"{info['method']} fold {info['fold']}"
+    for name, values in layers.items():
+        if values.shape != truth.shape:
+            raise RuntimeError(f"{where}: prediction {name} has shape {values.shape}, truth {truth.shape}")
+        if not np.isfinite(values).all():
+            raise input_error(where, f"prediction {name} contains NaN or infinite values")
+    result = ad.AnnData(X=truth.astype(np.float32), obs=_test_obs(data, test), var=pd.DataFrame(index=list(data.genes)),
+                        layers={k: v.astype(np.float32) for k, v in layers.items()})
+    result.uns["labels"] = info["labels"]
+    result.uns["cmrcnet"] = json.dumps({**info, "provenance": provenance()}, default=str)
+    with atomic_path(out_path) as tmp:
+        result.write_h5ad(tmp)
+    return result
 
 
 def check_k_fits(dataset_dir, fold: int, ks, model_name: str) -> None:

@@ -10,7 +10,6 @@ gene and fold tables, provenance).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -71,12 +70,9 @@ def probe_fold(*, embeddings_dir, dataset_dir, fold, out_path, method: str, prob
     (ridge: the PCA; mlp: initialisation, order, validation groups) unless `params` sets it; `ks` are the
     neighbour counts of a `knn` probe (layers `k{k}`, labels `{method}-k{k}`). Returns the info stored in the file.
     """
-    import anndata as ad
-    import pandas as pd
 
     from cmrcnet.data.datasets import load_fold
-    from cmrcnet.inference.predict import _test_obs, upstream_identity
-    from cmrcnet.io import atomic_path, provenance
+    from cmrcnet.inference.predict import upstream_identity, write_prediction_file
 
     params = dict(params or {})
     if probe == "knn":
@@ -110,15 +106,6 @@ def probe_fold(*, embeddings_dir, dataset_dir, fold, out_path, method: str, prob
         labels = {f"k{k}": f"{method}-k{k}" for k in preds}
     else:
         layers, labels = {"pred": preds}, {"pred": method}
-    for name, values in layers.items():
-        if values.shape != truth.shape:
-            raise RuntimeError(f"{method} fold {fold}: prediction {name} has shape {values.shape}, truth {truth.shape}")
-        if not np.isfinite(values).all():
-            raise input_error(f"{method} fold {fold}", f"prediction {name} contains NaN or infinite values")
-
-    obs = _test_obs(data, test)
-    result = ad.AnnData(X=truth.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(data.genes)),
-                        layers={k: v.astype(np.float32) for k, v in layers.items()})
     info = {"method": method, "model_name": f"probe-{probe}", "kind": "probe", "probe": probe, "encoder": encoder,
             "fold": int(fold), "test_samples": data.test_samples, "train_samples": data.train_samples,
             "labels": labels, "ks": list(getattr(model, "ks_", [])), "params": params, "seed": int(seed),
@@ -126,10 +113,7 @@ def probe_fold(*, embeddings_dir, dataset_dir, fold, out_path, method: str, prob
             "n_features": int(X_train.shape[1]), "fit_seconds": round(seconds, 3),
             "embeddings_dir": str(embeddings_dir), "weights_sha256": next(iter(shas.values()), None),
             "fingerprint": fingerprint, "inputs": upstream_identity(dataset_dir, data)}
-    result.uns["labels"] = labels
-    result.uns["cmrcnet"] = json.dumps({**info, "provenance": provenance()}, default=str)
-    with atomic_path(out_path) as tmp:
-        result.write_h5ad(tmp)
+    result = write_prediction_file(out_path, data, test, truth, layers, info)
     log.info("%s fold %s: %s probe on %d %s features of %d training spots, %d test spots predicted in %.1f s (%s)",
              method, fold, probe, X_train.shape[1], encoder, len(X_train), result.n_obs, seconds,
              ", ".join(labels.values()))
