@@ -161,10 +161,26 @@ def _check_hestbench(config: dict, where) -> None:
     bench = config.get("hestbench") or {}
     for i, name in enumerate(bench.get("encoders", [])):
         _check_registered_encoder(name, f"hestbench.encoders[{i}]", where)
-    if bench.get("tasks") and not bench.get("encoders"):
+    for name, entry in bench.get("trained_encoders", {}).items():
+        key = f"hestbench.trained_encoders.{name}"
+        if name in bench.get("encoders", []) or _is_registered(name):
+            raise input_error(where, f"{key}: {name!r} is a registered encoder's name; choose another")
+        if entry["dataset"] not in config["datasets"]:
+            raise input_error(where, f"{key}.dataset: unknown dataset {entry['dataset']!r}")
+        method = config["methods"].get(entry["method"], {})
+        if method.get("model") not in RETRIEVAL_MODELS or entry["method"] not in methods_for(config, entry["dataset"]):
+            raise input_error(where, f"{key}.method: {entry['method']!r} is not a retrieval method (cmrcnet, bleep) "
+                                     f"trained on {entry['dataset']}")
+    if bench.get("tasks") and not (bench.get("encoders") or bench.get("trained_encoders")):
         raise input_error(where, "hestbench.encoders: name at least one registered encoder to benchmark")
     for name in config.get("weights", {}).get("local", {}):
         _check_registered_encoder(name, f"weights.local.{name}", where)
+
+
+def _is_registered(name: str) -> bool:
+    from cmrcnet.encoders import is_encoder
+
+    return is_encoder(name)
 
 
 def probe_encoders(config: dict) -> list[str]:

@@ -89,10 +89,16 @@ def fetch_hestbench(smk) -> None:
 
 
 def embed_hestbench(smk) -> None:
+    import torch
+
+    from cmrcnet.encoders.trained import trained_encoder
     from cmrcnet.inference.embed import embed_patches
 
     enc = smk.config["encoders"]
-    embed_patches(smk.wildcards.encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
+    encoder = smk.wildcards.encoder
+    if encoder in smk.config["hestbench"]["trained_encoders"]:  # a trained model's image tower
+        encoder = trained_encoder(encoder, smk.input.weights, "cuda" if torch.cuda.is_available() else "cpu")
+    embed_patches(encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
                   batch_size=enc["batch_size"], num_workers=enc["num_workers"], amp=enc["amp"])
 
 

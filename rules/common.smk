@@ -55,6 +55,9 @@ TRAINED_METHODS = [m for m in METHODS if m not in PROBE_METHODS]
 HESTBENCH = config["hestbench"]
 # every encoder embedded: those the probe methods read and those the HEST-Benchmark runs
 ENCODERS = sorted(set(probe_encoders(config)) | set(HESTBENCH["encoders"]))
+# trained retrieval models' image towers benchmarked as encoders (their deployable model is the "weights")
+TRAINED_ENCODERS = HESTBENCH["trained_encoders"]
+BENCH_ENCODERS = HESTBENCH["encoders"] + list(TRAINED_ENCODERS)
 TRAIN_RESOURCES = config["resources"]["train"]
 PREDICT_RESOURCES = config["resources"]["predict"]
 
@@ -70,7 +73,7 @@ wildcard_constraints:
     method=one_of(METHODS),
     fold=r"\d+",
     slide=one_of(list(config["predict_slides"])),
-    encoder=one_of(ENCODERS),
+    encoder=one_of(ENCODERS + list(TRAINED_ENCODERS)),
     task=one_of(HESTBENCH["tasks"]),
     probe=one_of(HESTBENCH["probes"]),
     bench_sample=r"[A-Za-z0-9][A-Za-z0-9._-]*",
@@ -187,7 +190,11 @@ def probe_embeddings(wildcards):
 
 
 def encoder_weights(wildcards):
-    """The fetched (or imported) weight file of the wildcard's encoder (rule fetch_weights)."""
+    """The fetched (or imported) weight file of the wildcard's encoder (rule fetch_weights), or for a trained
+    encoder its deployable model."""
+    if wildcards.encoder in TRAINED_ENCODERS:
+        entry = TRAINED_ENCODERS[wildcards.encoder]
+        return DEPLOYABLE.format(dataset=entry["dataset"], method=entry["method"])
     return WEIGHTS_FILE.format(name=wildcards.encoder)
 
 

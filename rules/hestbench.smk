@@ -73,7 +73,7 @@ rule hestbench_leaderboard:
         results=expand(
             BENCH_RESULT,
             task=HESTBENCH["tasks"],
-            encoder=HESTBENCH["encoders"],
+            encoder=BENCH_ENCODERS,
             probe=HESTBENCH["probes"],
         ),
     output:

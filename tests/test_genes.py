@@ -269,3 +269,14 @@ def test_min_spots_drops_genes_seen_in_fewer_in_tissue_spots(tmp_path, min_spots
     table = select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=100,
                          min_spots=min_spots)
     assert list(table.gene) == expected
+
+
+# ---- each test below was added to kill a surviving mutant (docs/testing.md, "Mutation testing") ----
+
+def test_normalise_a_sample_without_in_tissue_spots_names_the_file(tmp_path):
+    st = write(tmp_path, "S7", make_counts_adata(n_spots=10, genes=("A", "B"), in_tissue=np.zeros(10, int)))
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = tmp_path / "S7n.h5ad"
+    with pytest.raises(CMRCNetError, match=r"^\S*S7\.h5ad: no in-tissue spots \(obs\['in_tissue'\] is 0 everywhere\)$"):
+        normalise_sample(st, tmp_path / "genes.tsv", out, sample="S7", dataset="d")
+    assert not out.exists()

@@ -44,8 +44,12 @@ CONFIG = {
         "tiny-ridge": {"model": "probe", "paper_name": "cTransPath",
                        "params": {"encoder": "tiny-test", "probe": "ridge-hestbench"}},
         "tiny-knn": {"model": "probe", "params": {"encoder": "tiny-test", "probe": "knn"}},
+        "bleep": {"model": "bleep", "params": {"encoder": "test_resnet", "input_size": 32, "embed_dim": 16}},
     },
-    "hestbench": {"tasks": ["IDC"], "encoders": ["tiny-test"], "probes": PROBES},
+    "train": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 2, "num_workers": 0, "amp": False},
+    # the deployable BLEEP's image tower (trained on V1-V3) benchmarked beside the registered encoder
+    "hestbench": {"tasks": ["IDC"], "encoders": ["tiny-test"], "probes": PROBES,
+                  "trained_encoders": {"bleep-tiny": {"dataset": "tiny-visium", "method": "bleep"}}},
 }
 
 
@@ -104,11 +108,12 @@ def test_bench_embeddings_follow_the_patch_files(bench_run):
 
 def test_leaderboard_has_every_probe_and_says_nothing_is_published_for_the_tiny_encoder(bench_run):
     workdir, _ = bench_run
-    for probe in PROBES:
-        result = json.loads((workdir / f"results/hest-bench/IDC/tiny-test/{probe}.json").read_text())
-        assert result["task"] == "IDC" and len(result["folds"]) == 2
+    for encoder in ("tiny-test", "bleep-tiny"):
+        for probe in PROBES:
+            result = json.loads((workdir / f"results/hest-bench/IDC/{encoder}/{probe}.json").read_text())
+            assert result["task"] == "IDC" and len(result["folds"]) == 2
     board = pd.read_csv(workdir / "results/tables/hestbench_leaderboard.csv")
-    assert set(board["encoder"]) == {"tiny-test"}
+    assert set(board["encoder"]) == {"tiny-test", "bleep-tiny"}
     labels = set(board["probe"])
     assert {"ridge-hestbench", "ridge-cv", "mlp"} <= labels and {"knn-k3", "knn-k5"} <= labels
     idc = board[board["task"] == "IDC"]
@@ -117,13 +122,28 @@ def test_leaderboard_has_every_probe_and_says_nothing_is_published_for_the_tiny_
     assert "not published" in md
 
 
+def test_a_trained_models_image_tower_is_benchmarked_as_an_encoder(bench_run):
+    """bleep-tiny's cache holds the deployable BLEEP's retrieval embedding of each bench patch."""
+    from cmrcnet.encoders.trained import trained_encoder
+
+    workdir, _ = bench_run
+    model_path = workdir / "models/tiny-visium/bleep/all/best.pt"
+    encoder = trained_encoder("bleep-tiny", model_path)
+    sample = SAMPLES[0]
+    emb = read_embeddings(workdir / f"processed/hest-bench/IDC/embeddings/bleep-tiny/{sample}.h5", encoder="bleep-tiny")
+    with h5py.File(workdir / f"data/hest-bench/IDC/patches/{sample}.h5") as f:
+        images = f["img"][()]
+    np.testing.assert_allclose(emb.values, encoder.embed_uint8(images).numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(emb.values, axis=1), 1.0, rtol=1e-3)  # the L2-normalised embedding
+
+
 def test_probe_methods_reach_table4_beside_the_paper(bench_run):
     workdir, _ = bench_run
     for fold in range(3):
         for method in ("tiny-ridge", "tiny-knn"):
             assert (workdir / f"results/tiny-visium/predictions/{method}/fold{fold}.h5ad").is_file()
         assert (workdir / f"processed/tiny-visium/embeddings/tiny-test/V{fold + 1}.h5").is_file()
-    assert not (workdir / "models").exists()  # probes train nothing
+    assert not list((workdir / "models").glob("*/tiny-*"))  # probes train nothing
     table4 = pd.read_csv(workdir / "results/tables/table4_foundation.csv", comment="#")
     # the ridge probe (no k) and the retrieval probe at the largest k only
     assert set(table4["method"]) == {"tiny-ridge", "tiny-knn-k5"}
