@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import anndata as ad
 import numpy as np
@@ -280,3 +281,99 @@ def test_normalise_a_sample_without_in_tissue_spots_names_the_file(tmp_path):
     with pytest.raises(CMRCNetError, match=r"^\S*S7\.h5ad: no in-tissue spots \(obs\['in_tissue'\] is 0 everywhere\)$"):
         normalise_sample(st, tmp_path / "genes.tsv", out, sample="S7", dataset="d")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target_sum", [0, 0.0, -5.0, float("nan"), float("inf"), True])
+def test_normalise_refuses_a_target_sum_that_is_not_a_positive_number(tmp_path, target_sum):
+    st = write(tmp_path, "S1", make_counts_adata(genes=("A", "B")))
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = tmp_path / "S1n.h5ad"
+    message = (f"normalise.target_sum: must be a positive number (or null for the median library size), "
+               f"got {target_sum!r}")
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$"):
+        normalise_sample(st, tmp_path / "genes.tsv", out, sample="S1", dataset="d", target_sum=target_sum)
+    assert not out.exists()
+
+
+def test_normalise_to_a_target_sum_of_one(tmp_path):
+    """target_sum = 1 is a positive number like any other: each spot's counts divided by its total, then log1p."""
+    st = write(tmp_path, "S1", _two_orders_adata())
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "S1n.h5ad", sample="S1", dataset="d", target_sum=1)
+    np.testing.assert_allclose(out.X.toarray().ravel(), np.log1p([1 / 10, 1 / 2, 2 / 4]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("spots", "what"), [("in_tissue", "8 in-tissue spots"), ("all", "10 spots")])
+def test_normalise_refuses_a_sample_without_counts_naming_the_file_and_spots(tmp_path, spots, what):
+    adata = make_counts_adata(n_spots=10, genes=("A", "B"), in_tissue=np.r_[np.ones(8, int), np.zeros(2, int)])
+    adata.X = sp.csr_matrix(np.zeros((10, 2), dtype=np.int32))
+    st = write(tmp_path, "S3", adata)
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    out = tmp_path / "S3n.h5ad"
+    message = (f"S3.h5ad: no counts: the {what} x 2 genes are all zero (an empty or failed sample?); remove it from "
+               "the dataset's samples")
+    with pytest.raises(CMRCNetError, match=rf"^\S*{re.escape(message)}$"):
+        normalise_sample(st, tmp_path / "genes.tsv", out, sample="S3", dataset="d", spots=spots)
+    assert not out.exists()
+
+
+def test_normalise_refuses_normalised_input_naming_the_file(tmp_path):
+    adata = make_counts_adata(genes=("A", "B"))
+    adata.X = sp.csr_matrix(adata.X.toarray() + 0.5)
+    st = write(tmp_path, "S4", adata)
+    pd.DataFrame({"gene": ["A"]}).to_csv(tmp_path / "genes.tsv", sep="\t", index=False)
+    message = "S4.h5ad: X does not hold raw integer counts (negative or fractional values found)"
+    with pytest.raises(CMRCNetError, match=rf"^\S*{re.escape(message)}$"):
+        normalise_sample(st, tmp_path / "genes.tsv", tmp_path / "o.h5ad", sample="S4", dataset="d")
+
+
+@pytest.mark.parametrize("n_missing", [5, 6])
+def test_normalise_names_at_most_five_missing_genes(tmp_path, n_missing):
+    st = write(tmp_path, "S1", make_counts_adata(genes=("A", "B")))
+    tsv = tmp_path / "genes.tsv"
+    pd.DataFrame({"gene": ["A", *(f"Z{i}" for i in range(1, n_missing + 1)), "B"]}).to_csv(tsv, sep="\t", index=False)
+    shown = "Z1, Z2, Z3, Z4, Z5" + (" ..." if n_missing > 5 else "")
+    message = f"{st}: {n_missing} genes of {tsv} are not measured here: {shown}"
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$"):
+        normalise_sample(st, tsv, tmp_path / "o.h5ad", sample="S1", dataset="d")
+
+
+def _dense(m):
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+@pytest.mark.filterwarnings("ignore:Some cells have zero counts")
+@pytest.mark.parametrize(("spots", "dense"), [("in_tissue", False), ("all", True)])
+def test_normalise_writes_and_logs_what_it_did(tmp_path, caplog, spots, dense):
+    """Sparse or dense X; the spots with no counts are counted (a warning on in-tissue spots, for information on all
+    spots); the output's values, dtypes, obs columns and provenance are checked against a hand computation."""
+    in_tissue = np.r_[np.ones(6, int), np.zeros(2, int)]
+    adata = make_counts_adata(n_spots=8, genes=("A", "B", "C"), seed=3, in_tissue=in_tissue)
+    X = adata.X.toarray() + 1
+    X[1] = 0  # an in-tissue spot without counts
+    X[7] = 0  # an off-tissue one
+    X[2] = [1, 0, 0]  # a total of 1 is not empty
+    adata.X = X if dense else sp.csr_matrix(X)
+    st = write(tmp_path, "S5", adata)
+    tsv = tmp_path / "genes.tsv"
+    pd.DataFrame({"gene": ["C", "A"]}).to_csv(tsv, sep="\t", index=False)
+    with caplog.at_level(logging.INFO, logger="cmrcnet"):
+        out = normalise_sample(st, tsv, tmp_path / "n.h5ad", sample="S5", dataset="D", target_sum=100.0, spots=spots,
+                               provenance_info={"st_file": st})
+    keep = in_tissue == 1 if spots == "in_tissue" else np.ones(8, bool)
+    empty = (logging.WARNING, "S5: 1 in-tissue spots have no counts") if spots == "in_tissue" else \
+        (logging.INFO, "S5: 2 of all spots have no counts")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "cmrcnet"] == [
+        empty, (logging.INFO, f"S5: {keep.sum()} spots ({spots}) x 2 genes normalised")]
+    back = ad.read_h5ad(tmp_path / "n.h5ad")
+    for got in (out, back):
+        assert list(got.var_names) == ["C", "A"] and list(got.obs_names) == list(adata.obs_names[keep])
+        assert got.X.dtype == np.float32 and got.layers["counts"].dtype == np.int32
+        np.testing.assert_array_equal(_dense(got.layers["counts"]), X[keep][:, [2, 0]])
+        totals = X[keep].sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(_dense(got.X), np.log1p(X[keep][:, [2, 0]] / np.maximum(totals, 1) * 100), rtol=1e-6)
+        assert got.obs["sample"].eq("S5").all() and got.obs["dataset"].eq("D").all()
+        assert "log1p" not in got.uns
+        assert json.loads(got.uns["cmrcnet"]) == {"sample": "S5", "dataset": "D", "target_sum": 100.0, "spots": spots,
+                                                  "normalised_over": "all measured genes",
+                                                  "provenance": {"st_file": str(st)}}

@@ -45,7 +45,11 @@ TINY = {
                   "datasets": ["tiny-visium"]},
         "histogene": {"model": "histogene", "params": {"patch_px": 16, "dim": 16, "depth": 1, "heads": 2},
                       "datasets": ["tiny-xenium"], "train": {"batch_size": 1}},
+        # a probe on cached frozen embeddings (rules tiny_test_weights, fetch_weights, embed, probe): no training
+        "tiny-ridge": {"model": "probe", "params": {"encoder": "tiny-test", "probe": "ridge-hestbench"},
+                       "datasets": ["tiny-xenium"]},
     },
+    "weights": {"local": {"tiny-test": "data/encoders/tiny-test-seed0.pt"}},
     # the deployable BLEEP (trained on V1-V3) maps one slide: rules train_deployable and predict_slide
     "predict_slides": {"v3-map": {"slide": "data/tiny-visium/wsis/V3.tif", "dataset": "tiny-visium",
                                   "method": "bleep", "genes": ["EPCAM"]}},
@@ -174,7 +178,7 @@ def test_tables_and_figures_cover_every_method_and_dataset(run):
     tables = run / "results/tables"
     summary = pd.read_csv(tables / "summary.csv")
     assert set(summary["protocol"]) == {"paper", "hest-bench"}
-    assert set(summary["method"]) == {"stnet", "stnet-tta", "bleep-k5", "bleep-k10", "histogene"}
+    assert set(summary["method"]) == {"stnet", "stnet-tta", "bleep-k5", "bleep-k10", "histogene", "tiny-ridge"}
     assert {"HEG20", "HVG50", "marker", "hest50"} <= set(summary["gene_set"])
     t1 = pd.read_csv(tables / "table1_top50.csv")
     assert set(t1["dataset"]) == {"tiny-visium", "tiny-xenium"} and "HEG50_paper" in t1.columns
@@ -183,6 +187,9 @@ def test_tables_and_figures_cover_every_method_and_dataset(run):
     assert len(wilcoxon[(wilcoxon.dataset == "tiny-visium") & (wilcoxon.gene_set == "HEG50")]) == 6  # 4 labels
     best = pd.read_csv(tables / "table3_best_genes.csv")
     assert best.groupby(["dataset", "method"]).size().eq(5).all()
+    # the frozen-encoder probe is Table 4's row (no CMRCNet in this config to put beside it)
+    t4 = pd.read_csv(tables / "table4_foundation.csv")
+    assert list(zip(t4["dataset"], t4["method"])) == [("tiny-xenium", "tiny-ridge")]
     assert json.loads((tables / "provenance.json").read_text())["versions"]["torch"]
     for ds in ("tiny-visium", "tiny-xenium"):
         for name in ("fig2_boxplots", "fig3_mean_variance", "fig4_heatmaps_heg", "fig4_heatmaps_hvg",
@@ -259,11 +266,12 @@ def test_paper_config_plans_six_datasets_offline_and_lint_is_clean():
     out = plan.stdout + plan.stderr
     for rule, count in [("fetch_hest", 22), ("select_genes", 6), ("normalise", 22), ("folds", 6),
                         ("extract_patches", 22), ("train", 264), ("predict", 264), ("evaluate", 6),
-                        ("figures", 6), ("tables", 1)]:
+                        ("figures", 6), ("tables", 1), ("embed", 22), ("probe", 44)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), rule
-    # 12 methods (4 models + 8 ablations) x 22 folds, each training job asking for one GPU
+    # 12 trained methods (4 models + 8 ablations) x 22 folds, each training and prediction job asking for one GPU,
+    # and one cTransPath embedding job per sample (Table 4's two probes read the cache, on the CPU)
     gpu_jobs = [line for line in out.splitlines() if line.strip().startswith("resources:") and "gpu=" in line]
-    assert len(gpu_jobs) == 2 * 264 and all("gpu=1," in line for line in gpu_jobs)
+    assert len(gpu_jobs) == 2 * 264 + 22 and all("gpu=1," in line for line in gpu_jobs)
     lint = subprocess.run([*SNAKEMAKE, "-d", str(REPO_ROOT), "--lint"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 

@@ -502,8 +502,6 @@ def test_build_tables_puts_each_table_in_config_order_with_its_title_note_and_ru
         paper_tables, plain = build_tables(scores, sets, label_rows, BT_CONFIG, n_boot=30, seed=7)
 
     summary = summarise(scores, sets, n_boot=30, seed=7, undefined_r="omit")
-    assert not summary[["ci_low", "ci_high"]].equals(
-        summarise(scores, sets, n_boot=30, seed=8, undefined_r="omit")[["ci_low", "ci_high"]])  # the seed counts
     pd.testing.assert_frame_equal(plain["summary"], summary)
     # by hand: SKCM stnet HEG50 (G0..G4), G3 left out of fold 0 (omit)
     row = plain["summary"].set_index(["protocol", "dataset", "method", "gene_set"]).loc[
