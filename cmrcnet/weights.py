@@ -110,18 +110,7 @@ def read_source(out_dir: str | Path) -> dict | None:
 
 def _already_fetched(out_dir: Path, repo_id: str, filename: str, revision: str | None) -> bool:
     """True when the file is there and matches SOURCE.json (same repo, file, revision if pinned, sha256)."""
-    target, source = out_dir / LOCAL_FILE, read_source(out_dir)
-    if not target.is_file() or source is None:
-        return False
-    if (source.get("repo_id"), source.get("filename")) != (repo_id, filename):
-        return False
-    if revision is not None and revision not in (source.get("revision"), source.get("requested_revision")):
-        return False
-    if sha256_file(target) != source.get("sha256"):
-        log.warning("%s: does not match the sha256 in %s; fetching it again", target, SOURCE_FILE)
-        target.unlink()
-        return False
-    return True
+    return _already_converted(out_dir, {"repo_id": repo_id, "filename": filename, "revision": revision})
 
 
 def _resolve_token(token: str | None) -> str | None:
@@ -325,7 +314,7 @@ def _already_converted(out_dir: Path, expected: dict) -> bool:
         elif source.get(key) != value:
             return False
     if sha256_file(target) != source.get("sha256"):
-        log.warning("%s: does not match the sha256 in %s; making it again", target, SOURCE_FILE)
+        log.warning("%s: does not match the sha256 in %s; fetching it again", target, SOURCE_FILE)
         target.unlink()
         return False
     return True

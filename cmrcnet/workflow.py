@@ -63,10 +63,18 @@ def tiny_test_weights(smk) -> None:
 
 
 def embed(smk) -> None:
+    """Rules embed and embed_hestbench: a registered encoder, or a trained model's image tower
+    (hestbench.trained_encoders, its deployable model as the weights)."""
+    import torch
+
+    from cmrcnet.encoders.trained import trained_encoder
     from cmrcnet.inference.embed import embed_patches
 
     enc = smk.config["encoders"]
-    embed_patches(smk.wildcards.encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
+    encoder = smk.wildcards.encoder
+    if encoder in smk.config["hestbench"]["trained_encoders"]:
+        encoder = trained_encoder(encoder, smk.input.weights, "cuda" if torch.cuda.is_available() else "cpu")
+    embed_patches(encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
                   batch_size=enc["batch_size"], num_workers=enc["num_workers"], amp=enc["amp"])
 
 
@@ -86,20 +94,6 @@ def fetch_hestbench(smk) -> None:
 
     bench = smk.config["hestbench"]
     fetch_task(smk.wildcards.task, smk.params.root, repo_id=bench["repo_id"], revision=bench["revision"])
-
-
-def embed_hestbench(smk) -> None:
-    import torch
-
-    from cmrcnet.encoders.trained import trained_encoder
-    from cmrcnet.inference.embed import embed_patches
-
-    enc = smk.config["encoders"]
-    encoder = smk.wildcards.encoder
-    if encoder in smk.config["hestbench"]["trained_encoders"]:  # a trained model's image tower
-        encoder = trained_encoder(encoder, smk.input.weights, "cuda" if torch.cuda.is_available() else "cpu")
-    embed_patches(encoder, smk.input.weights, smk.input.patches, smk.output[0], dtype=enc["dtype"],
-                  batch_size=enc["batch_size"], num_workers=enc["num_workers"], amp=enc["amp"])
 
 
 def probe_hestbench(smk) -> None:

@@ -41,7 +41,7 @@ rule embed_hestbench:
     params:
         settings=lambda w: json.dumps(config["encoders"], sort_keys=True),
     script:
-        "../scripts/embed_hestbench.py"
+        "../scripts/embed.py"
 
 
 rule probe_hestbench:

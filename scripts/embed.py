@@ -1,4 +1,4 @@
-"""Snakemake entry point for rule `embed` (logic in cmrcnet.workflow.embed)."""
+"""Snakemake entry point for rules `embed` and `embed_hestbench` (logic in cmrcnet.workflow.embed)."""
 
 import sys
 from pathlib import Path
