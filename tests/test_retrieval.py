@@ -350,3 +350,37 @@ def test_ragged_lists_are_refused_by_name(field):
     args[field] = [[1, 0], [1]] if field == "indices" else [[1.0, 2.0], [3.0]]
     with pytest.raises(CMRCNetError, match=f"^{field}: expected a dense 2-D array, got a ragged list$"):
         neighbour_mean(args["indices"], args["similarities"], args["reference_values"], weighted=True)
+
+
+@pytest.mark.parametrize("width,k", [(40, 40), (41, 40), (300, 17), (8, 1)])
+def test_best_k_selects_by_value_then_lower_index_with_the_kth_in_column_k_minus_1(width, k):
+    """The search's selection step, on rows full of equal values (8 distinct levels): the chosen set is exactly
+    the first k of a lexicographic sort on (-value, index), and column k - 1 holds the k-th value (the threshold
+    the search compares against). A selection left arbitrary among ties, or the k-th elsewhere, fails here."""
+    from cmrcnet.inference.retrieval import _best_k
+
+    rng = np.random.default_rng(width + k)
+    values = torch.from_numpy(rng.integers(0, 8, size=(64, width)).astype(np.float32) / 8)
+    indices = torch.from_numpy(np.stack([rng.permutation(1000)[:width] for _ in range(64)]))
+    got_v, got_i = _best_k(values, indices, k)
+    assert got_v.shape == got_i.shape == (64, k)
+    for row in range(64):
+        order = np.lexsort((indices[row].numpy(), -values[row].numpy()))[:k]
+        assert set(got_i[row].tolist()) == set(indices[row].numpy()[order].tolist())
+        assert got_v[row, k - 1] == values[row].numpy()[order[-1]]
+        lookup = dict(zip(indices[row].tolist(), values[row].tolist()))
+        assert [lookup[i] for i in got_i[row].tolist()] == got_v[row].tolist()
+
+
+def test_ordered_sorts_by_value_then_lower_index():
+    from cmrcnet.inference.retrieval import _ordered
+
+    rng = np.random.default_rng(3)
+    values = torch.from_numpy(rng.integers(0, 5, size=(50, 30)).astype(np.float32))
+    values[::2] += torch.from_numpy(rng.random((25, 30)).astype(np.float32))  # rows without ties, too
+    indices = torch.from_numpy(np.stack([rng.permutation(30) for _ in range(50)]))
+    got_v, got_i = _ordered(values, indices)
+    for row in range(50):
+        order = np.lexsort((indices[row].numpy(), -values[row].numpy()))
+        assert got_i[row].tolist() == indices[row].numpy()[order].tolist()
+        assert got_v[row].tolist() == values[row].numpy()[order].tolist()

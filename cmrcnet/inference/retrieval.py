@@ -10,19 +10,20 @@ N x M floats plus the sort's output; for 1e4 test spots and 1e6 training spots t
 top-k per query, so its working memory is O(query_block x (reference_block + k)) whatever N and M are. The
 result is exact, not approximate, up to the rounding of float32 products (see "Order and ties").
 
-How (per query block): the first reference block goes through `torch.topk`; from then on each query has a
-k-th best similarity so far, and only similarities strictly above it can still enter its top k. Those are
-found with one compare per block on the CPU, and on a GPU with a cheap screen (the maximum of every run of 64
-columns, then the passing runs entry by entry); they are pooled, and merged into the running top-k by a stable
-sort once k or more have been pooled. Late in a long reference set almost nothing passes, so the cost approaches
-that of the matrix product alone.
+How (per query block): the first reference block goes through a selection of its k best per query; from then on
+each query has a k-th best similarity so far, and only similarities strictly above it can still enter its top k.
+Those are found with one compare per block on the CPU, and on a GPU with a cheap screen (the maximum of every run
+of 64 columns, then the passing runs entry by entry); they are pooled, and merged into the running top-k by
+another selection once k or more have been pooled. The running top-k is kept unordered (a selection, numpy's
+`argpartition`, costs about a quarter of a stable sort) but for its k-th value, the threshold; it is sorted once,
+at the end. Late in a long reference set almost nothing passes, so the cost approaches that of the matrix product
+alone.
 
-On the CPU the compare, the search for the passing entries and the merge's sort run on numpy views
-of the same memory (no copies): torch's CPU `nonzero` costs ~6 ns per entry of a bool mask and a broadcast
-`torch.gt` ~2 ns, against ~0.3-0.5 and ~0.5 ns for `np.flatnonzero` and `np.greater` (2-core EPYC, torch
-2.14), and numpy's stable argsort (timsort) profits from the running top-k already being sorted (~1.5x faster
-than torch's stable sort there). With k = 500 and 1e6 references this cut the search's cost beyond the matrix
-product by about 30 % (docs/benchmarks.md, "Retrieval"). On CUDA the same steps stay in torch.
+On the CPU the compare, the search for the passing entries and the selections run on numpy views of the same
+memory (no copies): torch's CPU `nonzero` costs ~6 ns per entry of a bool mask and a broadcast `torch.gt` ~2 ns,
+against ~0.3-0.5 and ~0.5 ns for `np.flatnonzero` and `np.greater` (2-core EPYC, torch 2.14). With k = 500 and
+1e6 references the numpy compare cut the search's cost beyond the matrix product by about 30 %, the selections
+instead of stable sorts by more (docs/benchmarks.md, "Retrieval"). On CUDA the same steps stay in torch.
 
 Order and ties: neighbours come sorted by decreasing similarity; equal similarities are ordered by increasing
 reference index (the lower index wins a place in the top k), as a stable descending sort of each row of the
@@ -37,7 +38,7 @@ leaving a small remainder, which makes such differences rarer.
 Memory (bytes), on the device that does the work:
 - normalised float32 copies of the inputs: 4 (N + M) D (the inputs themselves are not modified);
 - working set per query block: 5 query_block x reference_block (similarities + a bool mask, both reused)
-  + about 100 query_block x k (top-k candidates, pooled candidates, running top-k, merge sort);
+  + about 100 query_block x k (top-k candidates, pooled candidates, running top-k, selections);
 - results on the CPU: 12 N k (float32 similarities + int64 indices).
 With the CPU defaults (512 x 8192 blocks) and k = 500 the working set is ~50 MB; with the CUDA defaults
 (4096 x 32768) ~0.8 GB of GPU memory.
@@ -124,34 +125,56 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _block_candidates(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact top-k columns of every row of `sims` (ties: lower column first), in increasing column order.
+def _best_k(values: torch.Tensor, indices: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best entries of every row (higher value first, equal values: lower index first), unordered but for
+    one thing: column k - 1 holds the k-th best, the row's threshold for the rest of the search.
 
-    Returns (values, columns), both (rows, min(k, columns)). The columns are sorted ascending so that a stable
-    descending sort by value later orders equal similarities by index.
+    `indices` are the reference indices of `values`' columns (None: the column numbers). Fewer than k columns
+    are returned whole (a copy). Why unordered: a selection (numpy's introselect, O(width) per row)
+    costs a third of a sort, and the search needs the order only once, at the end (`_ordered`). A selection
+    picks arbitrarily among values equal to the k-th; rows where such a value is left out are redone by an
+    exact sort on (value, index), so the lower index wins there as everywhere.
     """
-    n, m = sims.shape
-    if m <= k:
-        columns = torch.arange(m, device=sims.device).expand(n, m)
-        return sims.clone(), columns  # a copy: `sims` lives in a buffer the next block overwrites
-    values, columns = torch.topk(sims, k + 1, dim=1, largest=True, sorted=True)
-    # torch.topk picks arbitrarily among values equal to the k-th; that only matters when the (k+1)-th equals
-    # the k-th (a tie across the cut). Those rows are redone exactly: everything above the k-th value, then the
-    # lowest-index columns equal to it.
-    tied = values[:, k] == values[:, k - 1]
-    columns = columns[:, :k]
+    n, width = values.shape
+    if indices is None:
+        indices = torch.arange(width, device=values.device).expand(n, width)
+    if width < k:  # no threshold yet (fewer than k references seen)
+        return values.clone(), indices.clone()
+    if values.device.type == "cpu":
+        order = torch.from_numpy(np.argpartition(-values.numpy(), k - 1, axis=1))
+    else:
+        order = torch.topk(values, width, dim=1, sorted=True).indices  # k-th at column k - 1, as a selection
+    chosen = order[:, :k]
+    best_values, best_indices = values.gather(1, chosen), indices.gather(1, chosen)
+    kth = best_values[:, k - 1:k]
+    tied = (values == kth).sum(dim=1) > (best_values == kth).sum(dim=1)  # a value equal to the k-th left out
     if bool(tied.any()):
         rows = torch.nonzero(tied).squeeze(1)
-        sub = sims[rows]
-        cut = values[rows, k - 1:k]
-        above = sub > cut
-        equal = sub == cut
-        need = k - above.sum(dim=1, keepdim=True)
-        keep = above | (equal & (torch.cumsum(equal, dim=1) <= need))
-        columns = columns.clone()
-        columns[rows] = torch.nonzero(keep)[:, 1].view(-1, k)
-    columns = torch.sort(columns, dim=1).values
-    return sims.gather(1, columns), columns
+        exact = _sort_order(values[rows], indices[rows])[:, :k]
+        best_values[rows] = values[rows].gather(1, exact)
+        best_indices[rows] = indices[rows].gather(1, exact)
+    return best_values, best_indices
+
+
+def _sort_order(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Column order of every row by decreasing value, equal values by increasing index (computed on the CPU).
+
+    numpy's default sort (vectorised where the CPU allows) orders the values; the rare rows with equal values
+    are redone by a lexicographic sort on (value, index).
+    """
+    neg = -values.cpu().numpy()
+    order = np.argsort(neg, axis=1)
+    ranked = np.take_along_axis(neg, order, axis=1)
+    tied = np.flatnonzero((ranked[:, 1:] == ranked[:, :-1]).any(axis=1))
+    if tied.size:
+        order[tied] = np.lexsort((indices.cpu().numpy()[tied], neg[tied]), axis=1)
+    return torch.from_numpy(order).to(values.device)
+
+
+def _ordered(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row sorted by decreasing value, equal values by increasing index: the search's final order."""
+    order = _sort_order(values, indices)
+    return values.gather(1, order), indices.gather(1, order)
 
 
 def _hits(sims: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +218,7 @@ def _above_threshold(
     """The entries of each row of `sims` strictly above that row's `threshold`, in increasing column order.
 
     Returns (values, columns) padded to the longest row with -inf (which sorts after every real similarity),
-    or None when some row has more than `limit` of them (then `_block_candidates` is cheaper). Entries equal
+    or None when some row has more than `limit` of them (then `_best_k` is cheaper). Entries equal
     to the threshold are left out on purpose: the threshold is the similarity of a neighbour already found,
     which has a lower index, so they cannot enter the top k. `mask` is a reusable bool buffer shaped as `sims`.
     """
@@ -229,30 +252,15 @@ def _above_threshold(
     return values, columns
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of the concatenated (values, indices) parts, sorted by decreasing value.
-
-    The parts must come in increasing reference index order (the running top-k first, then each block's
-    candidates in column order), so the stable sort orders equal values by increasing index.
-    """
-    values = torch.cat([v for v, _ in parts], dim=1)
-    indices = torch.cat([i for _, i in parts], dim=1)
-    if values.device.type == "cpu":  # numpy's stable sort (timsort) uses the sorted run of the running top-k
-        order = torch.from_numpy(np.argsort(-values.numpy(), axis=1, kind="stable")[:, :k])
-    else:
-        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-    return values.gather(1, order), indices.gather(1, order)
-
-
 def _search_block(q: torch.Tensor, refs: torch.Tensor, k: int, rb: int, sims_buf: torch.Tensor,
                   mask_buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of one block of normalised queries against all normalised references.
+    """Exact top-k of one block of normalised queries against all normalised references, sorted.
 
-    Block by block: the first blocks go through `torch.topk` (+ an exact tie fix) until every query has k
-    neighbours; after that only similarities above the query's current k-th similarity are kept (`_hits`, far
-    cheaper than a top-k), and the kept candidates are pooled and merged into the running top-k once they
-    number k or more, so the merge sort is paid rarely. The threshold is stale between
-    merges, which only lets a few more candidates through; it never drops a true neighbour.
+    Block by block: the first blocks go through a selection (`_best_k`) until every query has k neighbours;
+    after that only similarities above the query's current k-th similarity are kept (`_above_threshold`, far
+    cheaper than a selection), and the kept candidates are pooled and merged into the running top-k (another
+    selection) once they number k or more, so merges are paid rarely. The threshold is stale between merges,
+    which only lets a few more candidates through; it never drops a true neighbour.
     """
     nq, m = q.shape[0], refs.shape[0]
     best = (q.new_empty((nq, 0)), torch.empty((nq, 0), dtype=torch.int64, device=q.device))
@@ -267,13 +275,18 @@ def _search_block(q: torch.Tensor, refs: torch.Tensor, k: int, rb: int, sims_buf
             found = _above_threshold(sims, best[0][:, k - 1:k], k, mask_buf[:nq * shape[1]].view(shape))
             if found is not None and found[0].shape[1] == 0:
                 continue
-        values, columns = _block_candidates(sims, k) if found is None else found
+        values, columns = _best_k(sims, None, k) if found is None else found
         pool.append((values, columns + r0))
         pooled += values.shape[1]
         if best[0].shape[1] < k or pooled >= k:
-            best = _merge([best, *pool], k)
+            best = _merged([best, *pool], k)
             pool, pooled = [], 0
-    return _merge([best, *pool], k) if pool else best
+    return _ordered(*(_merged([best, *pool], k) if pool else best))
+
+
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the concatenated (values, indices) parts (`_best_k`'s layout)."""
+    return _best_k(torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1), k)
 
 
 def topk_cosine(
