@@ -26,6 +26,7 @@ include: "rules/evaluate.smk"
 include: "rules/figures.smk"
 include: "rules/slides.smk"
 include: "rules/hestbench.smk"
+include: "rules/crossmodal.smk"
 
 
 rule all:

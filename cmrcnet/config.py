@@ -71,6 +71,9 @@ def check_config(config: dict, where: str | Path = "config", planning: bool = Tr
     imports (timm encoders, recipe weights, k against synthetic spot counts); a cluster job's own Snakemake
     process, which re-reads the workflow for every job, skips them: they were checked when the run was planned.
     """
+    from cmrcnet.crossmodal.grid import expand_grid
+
+    expand_grid(config, where)  # the cross-modal grid's cells become methods before anything checks methods
     if not config["datasets"] and not (config.get("hestbench") or {}).get("tasks"):
         raise input_error(where, "datasets: name at least one dataset (or hestbench.tasks for the HEST-Benchmark alone)")
     seen: dict[str, str] = {}
@@ -205,7 +208,7 @@ def _check_slide_entry(config: dict, name: str, entry: dict, where) -> None:
 
 # Models that predict by averaging the top-k training spots (their class's `kind` is "retrieval"), and models built
 # on a timm image encoder (`params.encoder`): known here without importing torch.
-RETRIEVAL_MODELS = ("cmrcnet", "bleep")
+RETRIEVAL_MODELS = ("cmrcnet", "bleep", "crossmodal")
 ENCODER_MODELS = ("cmrcnet", "bleep", "stnet", "foundation")
 
 

@@ -57,8 +57,9 @@ ORIGINAL = {
 
 def effective_method(config: dict, method: str, where: str = "config") -> dict:
     """The settings method `method` really runs with, its recipe applied:
-    {"model", "recipe", "params", "train", "tta", "weights"}; `weights` is the timm weight name that rule
-    fetch_weights must fetch first (None when none), `tta` whether predictions add the 8-fold average."""
+    {"model", "recipe", "params", "train", "tta", "weights"}; `weights` is the weight name (timm weights, or a
+    registered encoder of the cross-modal grid) that rule fetch_weights must fetch first (None when none), `tta`
+    whether predictions add the 8-fold average."""
     m = config["methods"][method]
     model, recipe = m["model"], m.get("recipe") or "paper"
     params, train = dict(m.get("params") or {}), dict(m.get("train") or {})
@@ -80,6 +81,8 @@ def effective_method(config: dict, method: str, where: str = "config") -> dict:
             except CMRCNetError as err:  # it names the encoder: add the method's key
                 raise input_error(where, f"methods.{method}.params.encoder (recipe original): {err}") from None
             params["pretrained_path"] = weights_file((config.get("weights") or {}).get("dir", "weights"), weights)
+    if model == "crossmodal" and params.get("weights_path"):
+        weights = params["image"]  # a registered encoder's weights, fetched by rule fetch_weights like a probe's
     return {"model": model, "recipe": recipe, "params": params, "train": train, "tta": tta, "weights": weights}
 
 

@@ -28,7 +28,7 @@ from cmrcnet.io import atomic_path, provenance, write_json, write_table
 
 log = logging.getLogger("cmrcnet")
 
-MODELS = ("cmrcnet", "bleep", "stnet", "histogene")
+MODELS = ("cmrcnet", "bleep", "stnet", "histogene", "crossmodal")
 OPTIMIZERS = ("AdamW", "Adam")
 DEFAULT_TRAIN: dict[str, Any] = {
     "epochs": 60,
@@ -235,6 +235,18 @@ def _n_spots(part: Part) -> int:
     return int(sum(len(idx) for idx in part.values()))
 
 
+def _parameter_groups(model: torch.nn.Module) -> list:
+    """The trainable parameters; frozen parts (a foundation model's encoder) are left out, so weight decay never
+    touches them. Names the model lists in `no_weight_decay()` (timm's convention: a learned temperature or bias of
+    a CLIP/SigLIP loss, which CLIP keeps out of weight decay) form a second group without it."""
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not exempt:
+        return [p for _, p in named]
+    return [{"params": [p for n, p in named if n not in exempt]},
+            {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+
+
 def _make_loaders(data: Fold, train_part: Part, val_part: Part, model, cfg: dict, seed: int, device: torch.device):
     """Training loader (shuffled per epoch, augmented) and validation loader (fixed order, plain)."""
     from torch.utils.data import DataLoader
@@ -376,9 +388,7 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt_class = getattr(torch.optim, cfg["optimizer"])
-    # frozen parts (a foundation model's encoder) are left out, so weight decay never touches them
-    optimizer = opt_class([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                          weight_decay=cfg["weight_decay"])
+    optimizer = opt_class(_parameter_groups(model), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg))
 
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "bad_epochs": 0,
@@ -403,6 +413,10 @@ def train_fold(*, method: str, method_cfg: dict, train_cfg: dict, dataset_dir, f
             _set_rng_state(ckpt["rng"])
             state = {k: ckpt[k] for k in state}
             log.info("%s fold %s: resuming from %s after epoch %d", method, fold, last_pt, state["epoch"])
+    if hasattr(model, "prepare") and state["epoch"] == 0:
+        # a part fitted once, before training, on the training spots alone (the cross-modal grid's scVI gene
+        # tower); a resumed run has it in its checkpoint
+        model.prepare(data.expression(train_part), seed=seed, device=dev)
 
     meta = {"method": method, "model_name": model_name, "params": params, "train_cfg": cfg, "genes": data.genes,
             "fold": fold_id(fold), "seed": int(seed), "kind": model.kind, "slide_level": bool(model.slide_level),

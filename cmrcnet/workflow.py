@@ -283,6 +283,50 @@ def figures(smk) -> None:
     )
 
 
+def crossmodal_eval(smk) -> None:
+    import torch
+
+    from cmrcnet.crossmodal.evaluate import evaluate_cell_fold
+    from cmrcnet.evaluation.evaluate import bench_genes_of
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    dataset = smk.wildcards.dataset
+    ds, ev = smk.config["datasets"][dataset], smk.config["evaluation"]
+    bench = None
+    if "hest-bench" in ev["protocols"]:
+        bench = bench_genes_of(dict(zip(ds["samples"], smk.input.st)), ev["hest_bench_genes"],
+                               ev["hest_bench_min_fraction"], dataset)
+    evaluate_cell_fold(
+        model_path=smk.input.model, dataset_dir=Path(smk.input.genes).parent, fold=int(smk.wildcards.fold),
+        out_path=smk.output.result, joint_path=smk.output.joint, method=smk.wildcards.method,
+        block=smk.config["crossmodal"], k=min(ev["k"]), dataset=dataset, patients=ds["patients"], bench_genes=bench,
+        metadata_dir=Path(smk.input.metadata[0]).parent if smk.input.metadata else None, seed=smk.config["seed"],
+        batch_size=ev["batch_size"],
+    )
+
+
+def crossmodal_table(smk) -> None:
+    from cmrcnet.crossmodal.grid import grid_methods
+    from cmrcnet.crossmodal.table import read_fold_results, write_crossmodal_table
+
+    write_crossmodal_table(smk.output.csv, smk.output.md, read_fold_results(smk.input.results),
+                           smk.config["crossmodal"], k=min(smk.config["evaluation"]["k"]), seed=smk.config["seed"],
+                           order=grid_methods(smk.config))
+
+
+def crossmodal_figures(smk) -> None:
+    import pandas as pd
+
+    from cmrcnet.crossmodal.table import grid_heatmaps, joint_umaps
+
+    block = smk.config["crossmodal"]
+    table = pd.read_csv(smk.input.table)
+    grid_heatmaps(table, smk.wildcards.dataset, Path(smk.output.grid[0]).with_suffix(""), max(block["ks"]),
+                  block["probe"], min(smk.config["evaluation"]["k"]))
+    joint_umaps(dict(zip(smk.params.methods, smk.input.joints)), Path(smk.output.umap[0]).with_suffix(""),
+                seed=smk.config["seed"])
+
+
 def run(smk, step) -> None:
     """Entry point for scripts/: log to the rule's log file, one-line errors, exit status 1 on bad input."""
     setup_logging(smk.log[0] if smk.log else None)

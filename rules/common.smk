@@ -19,6 +19,7 @@ from cmrcnet.config import (
     run_fingerprint,
     validate_schema,
 )
+from cmrcnet.crossmodal.grid import grid_encoders, grid_methods
 from cmrcnet.errors import CMRCNetError
 from cmrcnet.evaluation.tables import MARKDOWN_TABLES
 from cmrcnet.recipes import effective_method
@@ -52,6 +53,8 @@ METHODS = list(config["methods"])
 # probe methods are fitted on cached frozen embeddings (rule probe); the others are trained (rule train)
 PROBE_METHODS = [m for m in METHODS if config["methods"][m]["model"] in PROBE_MODELS]
 TRAINED_METHODS = [m for m in METHODS if m not in PROBE_METHODS]
+# the cross-modal grid's cells (config `crossmodal`), trained methods with their own evaluation (rules/crossmodal.smk)
+GRID_METHODS = grid_methods(config)
 HESTBENCH = config["hestbench"]
 # every encoder embedded: those the probe methods read and those the HEST-Benchmark runs
 ENCODERS = sorted(set(probe_encoders(config)) | set(HESTBENCH["encoders"]))
@@ -116,6 +119,9 @@ BENCH_EMBEDDINGS = (
 )
 BENCH_RESULT = f"{RESULTS}/hest-bench/{{task}}/{{encoder}}/{{probe}}.json"
 LEADERBOARD = f"{RESULTS}/tables/hestbench_leaderboard"
+# the cross-modal grid: one result per dataset x cell x fold, and the joint embeddings the UMAP figure draws
+CROSSMODAL_RESULT = f"{RESULTS}/{{dataset}}/crossmodal/{{method}}/fold{{fold}}.json"
+CROSSMODAL_JOINT = f"{RESULTS}/{{dataset}}/crossmodal/{{method}}/fold{{fold}}_joint.npz"
 # the deployable model of a dataset x method: trained on every sample (fold `all`), carrying its reference bank
 DEPLOY_RUN = f"{MODELS}/{{dataset}}/{{method}}/all"
 DEPLOYABLE = f"{DEPLOY_RUN}/best.pt"
@@ -161,7 +167,9 @@ def method_settings(method):
 def method_weights(wildcards):
     """The pretrained weight file a method's recipe loads (none for most), made by rule fetch_weights."""
     r = RECIPES[wildcards.method]
-    return [r["params"]["pretrained_path"]] if r["weights"] else []
+    if not r["weights"]:
+        return []
+    return [r["params"].get("pretrained_path") or r["params"]["weights_path"]]
 
 
 def training_runs(dataset):
@@ -247,6 +255,45 @@ def all_targets():
         targets += [f"{TABLES}/summary.csv"]
     targets += slide_targets()
     targets += hestbench_targets()
+    targets += crossmodal_targets()
+    return targets
+
+
+def grid_methods_for(dataset):
+    """The grid's cells run on `dataset`."""
+    return [m for m in GRID_METHODS if m in methods_for(config, dataset)]
+
+
+def crossmodal_results():
+    """Every fold result of every grid cell on every dataset."""
+    return [
+        CROSSMODAL_RESULT.format(dataset=ds, method=m, fold=f)
+        for ds in DATASETS
+        for m in grid_methods_for(ds)
+        for f in FOLD_IDS[ds]
+    ]
+
+
+def crossmodal_joints(dataset):
+    """The joint embeddings of each grid cell's first fold on `dataset` (the UMAP figure's input)."""
+    return [
+        CROSSMODAL_JOINT.format(dataset=dataset, method=m, fold=FOLD_IDS[dataset][0])
+        for m in grid_methods_for(dataset)
+    ]
+
+
+def crossmodal_targets():
+    """The grid's table and, per dataset it runs on, its heatmap and UMAP figures."""
+    if not GRID_METHODS:
+        return []
+    targets = [f"{TABLES}/crossmodal.csv", f"{TABLES}/crossmodal.md"]
+    for ds in DATASETS:
+        if grid_methods_for(ds):
+            targets += [
+                f"{FIGURES.format(dataset=ds)}/{name}.{ext}"
+                for name in ("crossmodal_grid", "crossmodal_umap")
+                for ext in ("png", "pdf")
+            ]
     return targets
 
 
@@ -316,7 +363,7 @@ def bench_patches(wildcards):
 if workflow.is_main_process:
     from cmrcnet.config import missing_weights_note
 
-    for _name in ENCODERS:
+    for _name in sorted(set(ENCODERS) | set(grid_encoders(config))):
         _note = missing_weights_note(
             _name, WEIGHTS_FILE.format(name=_name), config["weights"]["local"]
         )

@@ -18,6 +18,8 @@ import yaml
 
 from cmrcnet.config import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # the Snakemake pipeline or real training: minutes on 2 cores
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile")]
 
 TINY = {

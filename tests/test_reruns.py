@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from test_pipeline import snakemake
 
+pytestmark = pytest.mark.slow  # the Snakemake pipeline or real training: minutes on 2 cores
+
 MINI = {
     "seed": 0,
     "genes": {"n_top_hvg": 60},

@@ -393,8 +393,11 @@ def synthesize_sample(root, sample: str, *, technology: str, sample_index: int, 
     stats = _spot_stats(grid, layout, nuclei, technology, cell_px, pixel_size_um, n_tissue_types)
     counts = _counts(rng, stats, genes, technology, n_tissue_types, lib_shift)
 
+    # each spot's dominant tissue type (or background): spot labels for the cross-modal benchmark's label probes
+    dominant = np.array([*types, "background"], dtype=object)[stats["fractions"].argmax(axis=1)]
     obs = pd.DataFrame(
-        {"array_row": grid["row"], "array_col": grid["col"], "in_tissue": stats["in_tissue"]},
+        {"array_row": grid["row"], "array_col": grid["col"], "in_tissue": stats["in_tissue"],
+         "tissue_type": pd.Categorical(dominant)},
         index=pd.Index([f"{r}x{c}" for r, c in zip(grid["row"], grid["col"])], name="barcode"),
     )
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(genes["names"], name="gene")))

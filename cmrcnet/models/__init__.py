@@ -9,6 +9,7 @@ Retrieval models add `embed_image` / `embed_expression`; regression models add `
 
 from cmrcnet.models.bleep import BLEEP
 from cmrcnet.models.cmrcnet import CMRCNet
+from cmrcnet.models.crossmodal import CrossModal
 from cmrcnet.models.encoders import create_encoder
 from cmrcnet.models.foundation import FrozenEncoderRegression
 from cmrcnet.models.heads import ProjectionHead
@@ -20,6 +21,7 @@ from cmrcnet.models.stnet import STNet
 __all__ = [
     "BLEEP",
     "CMRCNet",
+    "CrossModal",
     "FrozenEncoderRegression",
     "HisToGene",
     "ProjectionHead",

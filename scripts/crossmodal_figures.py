@@ -1,0 +1,10 @@
+"""Snakemake entry point for rule `crossmodal_figures` (logic in cmrcnet.workflow.crossmodal_figures)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - importable without installing
+
+from cmrcnet import workflow
+
+workflow.run(snakemake, workflow.crossmodal_figures)  # noqa: F821
