@@ -52,6 +52,11 @@ TINY = {
                        "datasets": ["tiny-xenium"]},
     },
     "weights": {"local": {"tiny-test": "data/encoders/tiny-test-seed0.pt"}},
+    # a one-cell cross-modal grid (rules crossmodal_eval, crossmodal_table, crossmodal_figures): the frozen tiny-test
+    # encoder with a trained projection, an MLP gene tower, SigLIP; per-sample labels from the config
+    "crossmodal": {"image": ["tiny-test"], "gene": ["mlp"], "loss": ["siglip"], "params": {"embed_dim": 8},
+                   "datasets": ["tiny-visium"], "inbatch_batch_size": 8, "bootstrap": 50,
+                   "labels": {"sample": {"V1": "a", "V2": "b", "V3": "a"}}},
     # the deployable BLEEP (trained on V1-V3) maps one slide: rules train_deployable and predict_slide
     "predict_slides": {"v3-map": {"slide": "data/tiny-visium/wsis/V3.tif", "dataset": "tiny-visium",
                                   "method": "bleep", "genes": ["EPCAM"]}},
@@ -131,6 +136,8 @@ def test_one_training_job_per_method_and_fold(run):
     runs = sorted(p.parent.relative_to(run / "models").as_posix() for p in (run / "models").glob("*/*/fold*/best.pt"))
     assert runs == ["tiny-visium/bleep/fold0", "tiny-visium/bleep/fold1", "tiny-visium/bleep/fold2",
                     "tiny-visium/stnet/fold0", "tiny-visium/stnet/fold1", "tiny-visium/stnet/fold2",
+                    "tiny-visium/xm-tiny-test-mlp-siglip/fold0", "tiny-visium/xm-tiny-test-mlp-siglip/fold1",
+                    "tiny-visium/xm-tiny-test-mlp-siglip/fold2",
                     "tiny-xenium/histogene/fold0", "tiny-xenium/histogene/fold1",
                     "tiny-xenium/stnet/fold0", "tiny-xenium/stnet/fold1"]
     info = json.loads((run / "models/tiny-xenium/stnet/fold1/train.json").read_text())
@@ -180,13 +187,14 @@ def test_tables_and_figures_cover_every_method_and_dataset(run):
     tables = run / "results/tables"
     summary = pd.read_csv(tables / "summary.csv")
     assert set(summary["protocol"]) == {"paper", "hest-bench"}
-    assert set(summary["method"]) == {"stnet", "stnet-tta", "bleep-k5", "bleep-k10", "histogene", "tiny-ridge"}
+    assert set(summary["method"]) == {"stnet", "stnet-tta", "bleep-k5", "bleep-k10", "histogene", "tiny-ridge",
+                                      "xm-tiny-test-mlp-siglip-k5", "xm-tiny-test-mlp-siglip-k10"}
     assert {"HEG20", "HVG50", "marker", "hest50"} <= set(summary["gene_set"])
     t1 = pd.read_csv(tables / "table1_top50.csv")
     assert set(t1["dataset"]) == {"tiny-visium", "tiny-xenium"} and "HEG50_paper" in t1.columns
     assert "| tiny-visium | bleep-k5 |" in (tables / "table1_top50.md").read_text()
     wilcoxon = pd.read_csv(tables / "wilcoxon.csv")
-    assert len(wilcoxon[(wilcoxon.dataset == "tiny-visium") & (wilcoxon.gene_set == "HEG50")]) == 6  # 4 labels
+    assert len(wilcoxon[(wilcoxon.dataset == "tiny-visium") & (wilcoxon.gene_set == "HEG50")]) == 15  # 6 labels
     best = pd.read_csv(tables / "table3_best_genes.csv")
     assert best.groupby(["dataset", "method"]).size().eq(5).all()
     # the frozen-encoder probe is Table 4's row (no CMRCNet in this config to put beside it)
@@ -201,11 +209,35 @@ def test_tables_and_figures_cover_every_method_and_dataset(run):
     assert "spatial gene EPCAM on V1" in (run / "logs/figures/tiny-visium.log").read_text()
 
 
+def test_crossmodal_grid_is_trained_per_fold_and_judged_over_whole_test_splits(run):
+    results = [json.loads((run / f"results/tiny-visium/crossmodal/xm-tiny-test-mlp-siglip/fold{f}.json").read_text())
+               for f in range(3)]
+    for fold, result in enumerate(results):
+        test = ad.read_h5ad(run / f"processed/tiny-visium/st/{result['test_samples'][0]}.h5ad")
+        assert result["fold"] == fold and result["n_test"] == len(result["ranks"]["img2gene"])
+        ranks = np.array(result["ranks"]["img2gene"])
+        assert result["n_test"] <= test.n_obs and ranks.min() >= 1 and ranks.max() <= result["n_test"]
+        assert result["retrieval"]["img2gene_recall@10"] == pytest.approx(np.mean(ranks <= 10))
+        assert set(result["expression"]) == {"retrieval_k5", "ridge-hestbench"}
+        assert set(result["labels"]["spot"]) == {"image", "expression"}  # synthetic tissue types
+        assert "sample" in result["labels"] and "ilisi" in result["batch"]["image"]
+    table = pd.read_csv(run / "results/tables/crossmodal.csv")
+    assert list(table["method"]) == ["xm-tiny-test-mlp-siglip"] and table["folds"].tolist() == [3]
+    pooled = np.concatenate([r["ranks"]["gene2img"] for r in results])
+    assert table["gene2img_R@5"].iloc[0] == pytest.approx(np.mean(pooled <= 5))
+    assert "in-batch8" in (run / "results/tables/crossmodal.md").read_text()
+    for name in ("crossmodal_grid", "crossmodal_umap"):
+        for ext in ("png", "pdf"):
+            assert (run / f"results/tiny-visium/figures/{name}.{ext}").stat().st_size > 1000
+    assert not (run / "results/tiny-xenium/crossmodal").exists()  # the grid runs on its datasets only
+
+
 def test_report_holds_every_table_and_figure(run):
     result = snakemake(run, TINY, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-3000:]
     html = (run / "report.html").read_text()
-    for text in ("Table 1 of the paper", "table5_ablation.csv", "fig5_spatial.png", "training_curves.png"):
+    for text in ("Table 1 of the paper", "table5_ablation.csv", "fig5_spatial.png", "training_curves.png",
+                 "crossmodal.csv"):
         assert text in html, text
 
 
