@@ -321,9 +321,9 @@ def crossmodal_figures(smk) -> None:
 
     block = smk.config["crossmodal"]
     table = pd.read_csv(smk.input.table)
-    grid_heatmaps(table, smk.wildcards.dataset, Path(smk.output.grid[0]).with_suffix(""), max(block["ks"]),
+    grid_heatmaps(table, smk.wildcards.dataset, Path(smk.output.grid).with_suffix(""), max(block["ks"]),
                   block["probe"], min(smk.config["evaluation"]["k"]))
-    joint_umaps(dict(zip(smk.params.methods, smk.input.joints)), Path(smk.output.umap[0]).with_suffix(""),
+    joint_umaps(dict(zip(smk.params.methods, smk.input.joints)), Path(smk.output.umap).with_suffix(""),
                 seed=smk.config["seed"])
 
 

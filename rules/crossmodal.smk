@@ -60,8 +60,20 @@ rule crossmodal_figures:
         table=f"{TABLES}/crossmodal.csv",
         joints=lambda w: crossmodal_joints(w.dataset),
     output:
-        grid=multiext(f"{FIGURES}/crossmodal_grid", ".png", ".pdf"),
-        umap=multiext(f"{FIGURES}/crossmodal_umap", ".png", ".pdf"),
+        grid=report(
+            f"{FIGURES}/crossmodal_grid.png",
+            caption="../report/crossmodal_grid.rst",
+            category="Cross-modal grid",
+            subcategory="{dataset}",
+        ),
+        grid_pdf=f"{FIGURES}/crossmodal_grid.pdf",
+        umap=report(
+            f"{FIGURES}/crossmodal_umap.png",
+            caption="../report/crossmodal_umap.rst",
+            category="Cross-modal grid",
+            subcategory="{dataset}",
+        ),
+        umap_pdf=f"{FIGURES}/crossmodal_umap.pdf",
     log:
         f"{LOGS}/crossmodal_figures/{{dataset}}.log",
     conda:

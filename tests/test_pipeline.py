@@ -237,7 +237,7 @@ def test_report_holds_every_table_and_figure(run):
     assert result.returncode == 0, result.stderr[-3000:]
     html = (run / "report.html").read_text()
     for text in ("Table 1 of the paper", "table5_ablation.csv", "fig5_spatial.png", "training_curves.png",
-                 "crossmodal.csv"):
+                 "crossmodal.csv", "crossmodal_grid.png", "crossmodal_umap.png"):
         assert text in html, text
 
 
