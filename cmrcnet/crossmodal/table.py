@@ -137,7 +137,7 @@ def to_markdown(table: pd.DataFrame, ks: Sequence[int], batch_size: int, probe: 
         cells = [row["dataset"], row["method"], str(int(row["folds"]))]
         cells += [_fmt(row[f"{d}_R@{k_}"], row[f"{d}_R@{k_}_ci_low"], row[f"{d}_R@{k_}_ci_high"])
                   for d in DIRECTIONS for k_ in ks]
-        cells += [_fmt(row[f"{d}_median_rank"]).removesuffix(".000") for d in DIRECTIONS]
+        cells += [f"{row[f'{d}_median_rank']:g}" for d in DIRECTIONS]
         cells += [_fmt(row.get(f"inbatch{batch_size}_{d}_recall@{kmax}", np.nan)) for d in DIRECTIONS]
         for pred in (f"retrieval_k{k}", probe):
             cells.append(_fmt(row.get(f"{pred}_paper_heg50_r", np.nan), row.get(f"{pred}_paper_heg50_r_ci_low"),
