@@ -121,8 +121,8 @@ def evaluate_cell_fold(*, model_path, dataset_dir, fold: int, out_path, joint_pa
 
     ks = [int(x) for x in block["ks"]]
     cell = {key: ckpt["params"].get(key) for key in ("image", "image_mode", "gene", "loss")}
-    result = {"method": method, "dataset": dataset, "fold": int(fold), "cell": cell,
-                    "train_samples": data.train_samples, "n_test": int(len(img_test))}
+    result = {"method": method, "dataset": dataset, "fold": int(fold), "cell": cell, "test_samples": data.test_samples,
+              "train_samples": data.train_samples, "n_test": int(len(img_test))}
     result["retrieval"] = whole_split_retrieval(img_test, expr_test, ks)
     result["ranks"] = {d: r.tolist() for d, r in pair_ranks(img_test, expr_test).items()}
     result["inbatch"] = in_batch_retrieval(img_test, expr_test, int(block["inbatch_batch_size"]), ks, seed=seed)
