@@ -263,7 +263,7 @@ def _search_block(q: torch.Tensor, refs: torch.Tensor, k: int, rb: int, sims_buf
     which only lets a few more candidates through; it never drops a true neighbour.
     """
     nq, m = q.shape[0], refs.shape[0]
-    best = (q.new_empty((nq, 0)), torch.empty((nq, 0), dtype=torch.int64, device=q.device))
+    best: tuple[torch.Tensor, torch.Tensor] | None = None  # the running top-k (`_best_k`'s layout)
     pool: list[tuple[torch.Tensor, torch.Tensor]] = []
     pooled = 0
     for r0 in range(0, m, rb):
@@ -271,15 +271,15 @@ def _search_block(q: torch.Tensor, refs: torch.Tensor, k: int, rb: int, sims_buf
         shape = (nq, r.shape[0])
         sims = torch.mm(q, r.T, out=sims_buf[:nq * shape[1]].view(shape))
         found = None
-        if best[0].shape[1] == k:
+        if best is not None and best[0].shape[1] == k:
             found = _above_threshold(sims, best[0][:, k - 1:k], k, mask_buf[:nq * shape[1]].view(shape))
             if found is not None and found[0].shape[1] == 0:
                 continue
         values, columns = _best_k(sims, None, k) if found is None else found
         pool.append((values, columns + r0))
         pooled += values.shape[1]
-        if best[0].shape[1] < k or pooled >= k:
-            best = _merged([best, *pool], k)
+        if best is None or best[0].shape[1] < k or pooled >= k:
+            best = _merged(pool if best is None else [best, *pool], k)
             pool, pooled = [], 0
     return _ordered(*(_merged([best, *pool], k) if pool else best))
 
