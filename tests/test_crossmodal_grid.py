@@ -57,14 +57,15 @@ def test_unknown_mode_is_refused():
         grid_cells({"image": ["tiny-test@tuned"], "gene": ["mlp"], "loss": ["clip"]})
 
 
-def test_demo_config_plans_the_grid_with_the_encoder_weights_as_a_training_input():
-    config = load_config("config/config.yaml")
+def test_demo_grid_config_plans_the_grid_with_the_encoder_weights_as_a_training_input():
+    config = load_config("config/demo_crossmodal.yaml")
     cells = [m for m in config["methods"] if config["methods"][m]["model"] == "crossmodal"]
     assert len(cells) == 8
     eff = effective_method(config, "xm-tiny-test-mlp-clip")
     assert eff["weights"] == "tiny-test" and eff["params"]["weights_path"].endswith("tiny-test/model.safetensors")
     assert effective_method(config, "xm-test_resnet-mlp-clip")["weights"] is None
     check_config(config)  # a second check of the expanded config passes
+    assert not [m for m in load_config("config/config.yaml")["methods"] if m.startswith("xm-")]  # make demo: none
 
 
 def _fold(method, fold, ranks_i2g, ranks_g2i, inbatch, r_by_sample, ba, batch=None, n_inbatch=None):
