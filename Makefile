@@ -39,4 +39,4 @@ mutation: $(STAMP)
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf data processed models results logs .snakemake report.html
+	rm -rf data processed models results logs ablation crossmodal .snakemake report.html
