@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from conftest import make_counts_adata
 
 from cmrcnet.cli import main
 from cmrcnet.config import REPO_ROOT, load_config, load_yaml
 from cmrcnet.errors import CMRCNetError
-from tests.conftest import make_counts_adata
 
 LOGGER = logging.getLogger("cmrcnet")
 

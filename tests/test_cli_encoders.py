@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from hestbench_fake import write_patches
 
 from cmrcnet.cli import main
 from cmrcnet.encoders import load_encoder, write_tiny_test_weights
 from cmrcnet.inference.embed import read_embeddings
-from tests.hestbench_fake import write_patches
 
 
 def test_list_encoders_shows_each_entry_with_its_size_and_hub_file(capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakehub import ACCEPTED, NO_TERMS, FakeHub
 from huggingface_hub import constants
 from safetensors.torch import load_file
 from test_hest import hub_env  # noqa: F401 - the isolated-hub fixture is shared
@@ -26,7 +27,6 @@ from cmrcnet.encoders import (
 from cmrcnet.encoders.registry import drop_keys
 from cmrcnet.errors import CMRCNetError
 from cmrcnet.weights import LOCAL_FILE, SOURCE_FILE, fetch_weights, import_local_weights
-from tests.fakehub import ACCEPTED, NO_TERMS, FakeHub
 
 REPO = "cmrcnet/tiny-test-encoder"
 HUB_FILE = "pytorch_model.bin"

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import make_counts_adata
 
 from cmrcnet.data.genes import is_control_probe, normalise_sample, read_gene_table, select_genes
 from cmrcnet.errors import CMRCNetError
-from tests.conftest import make_counts_adata
 
 CONTROLS = ["^BLANK", "^NegControl", "^Unassigned"]
 

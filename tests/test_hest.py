@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import make_counts_adata
+from fakehub import ACCEPTED, NO_TERMS, FakeHub
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
 from cmrcnet.data import layout
 from cmrcnet.data.hest import HEST_REPO, allow_patterns, fetch_hest_sample, link_local_sample, validate_sample
 from cmrcnet.errors import CMRCNetError
-from tests.conftest import make_counts_adata
-from tests.fakehub import ACCEPTED, NO_TERMS, FakeHub
 
 TOKEN = "hf_FAKEsecretTOKEN1234567890"
 NO_TERMS_TOKEN = "hf_FAKEnoTERMStoken0987654321"

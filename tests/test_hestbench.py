@@ -10,6 +10,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from fakehub import ACCEPTED, NO_TERMS, FakeHub
+from hestbench_fake import FOLDS, GENES, SAMPLES, write_fake_bench, write_split
 from huggingface_hub.utils import filter_repo_objects
 from scipy.stats import pearsonr
 from test_hest import hub_env  # noqa: F401 - the isolated-hub fixture is shared
@@ -28,8 +30,6 @@ from cmrcnet.data.hestbench import (
     task_targets,
 )
 from cmrcnet.errors import CMRCNetError
-from tests.fakehub import ACCEPTED, NO_TERMS, FakeHub
-from tests.hestbench_fake import FOLDS, GENES, SAMPLES, write_fake_bench, write_split
 
 TOKEN = "hf_FAKEbenchTOKEN1234567890"
 NO_TERMS_TOKEN = "hf_FAKEnoTERMSbench0987654321"

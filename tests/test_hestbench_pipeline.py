@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from fakehub import ACCEPTED, FakeHub
+from hestbench_fake import SAMPLES, write_fake_bench
 
 from cmrcnet.config import REPO_ROOT
 from cmrcnet.encoders import write_tiny_test_weights
 from cmrcnet.inference.embed import read_embeddings
-from tests.fakehub import ACCEPTED, FakeHub
-from tests.hestbench_fake import SAMPLES, write_fake_bench
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from slurm_cluster import OneNodeSlurm, cannot_run, install
+from test_pipeline import TINY
 
 from cmrcnet.config import REPO_ROOT
-from tests.slurm_cluster import OneNodeSlurm, cannot_run, install
-from tests.test_pipeline import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
+from fakehub import ACCEPTED, NO_TERMS, FakeHub
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from test_hest import hub_env  # noqa: F401 - the isolated-hub fixture is shared
@@ -24,7 +25,6 @@ from cmrcnet.errors import CMRCNetError
 from cmrcnet.models import create_model
 from cmrcnet.recipes import effective_method
 from cmrcnet.weights import LOCAL_FILE, SOURCE_FILE, fetch_weights, hub_source, pretrained_name
-from tests.fakehub import ACCEPTED, NO_TERMS, FakeHub
 
 NAME = "test_resnet.r160_in1k"  # a tiny timm architecture with ImageNet weights on the hub (timm/test_resnet.r160_in1k)
 REPO = f"timm/{NAME}"
