@@ -78,7 +78,7 @@ def test_forward_backward_tiny(name):
 
 
 def test_list_models():
-    assert list_models() == ["bleep", "cmrcnet", "foundation", "histogene", "stnet"]
+    assert list_models() == ["bleep", "cmrcnet", "crossmodal", "foundation", "histogene", "stnet"]
 
 
 def test_cmrcnet_paper_size_token_shape():
