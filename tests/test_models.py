@@ -273,7 +273,7 @@ def test_histogene_positions_matter():
 # --- registry and encoders -----------------------------------------------------------------------------
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(CMRCNetError, match="bleep, cmrcnet, foundation, histogene, stnet"):
+    with pytest.raises(CMRCNetError, match="bleep, cmrcnet, crossmodal, foundation, histogene, stnet"):
         create_model("cmrcnett", G)
 
 

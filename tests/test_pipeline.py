@@ -288,7 +288,8 @@ def test_deploy_plans_one_model_per_dataset_and_method_trained_on_every_sample(t
     result = snakemake(tmp_path, TINY, "-n", "deploy")
     assert result.returncode == 0, result.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.M))
-    assert counts["train_deployable"] == "4" and "train" not in counts  # (stnet, bleep) x visium, (stnet, histogene)
+    # (stnet, bleep, the grid's cell) x visium, (stnet, histogene) x xenium
+    assert counts["train_deployable"] == "5" and "train" not in counts
     assert "predict_slide" not in counts and "predict" not in counts
 
 
