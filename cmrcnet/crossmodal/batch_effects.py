@@ -25,6 +25,7 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.neighbors import NearestNeighbors
 
+from cmrcnet.crossmodal.labels import check_embeddings
 from cmrcnet.errors import input_error
 
 
@@ -49,17 +50,6 @@ def _scib():
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     return scib_metrics
-
-
-def _embeddings(embeddings) -> np.ndarray:
-    x = np.asarray(embeddings)
-    if x.ndim != 2 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-        raise input_error("embeddings", f"expected a 2-D real array (cells x dimensions), got shape {x.shape}, "
-                                        f"dtype {x.dtype}")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise input_error("embeddings", f"contain NaN or infinite values (first in row {int(np.argmax(bad))})")
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _codes(values, name: str, n: int) -> np.ndarray:
@@ -109,7 +99,7 @@ def batch_metrics(embeddings, batch, labels=None, *, n_neighbors: int = 15, seed
     with one label for all cells (batch separation over the whole embedding, not within cell types).
     `n_neighbors` (kNN graph for iLISI/cLISI/connectivity, self included) must be below the number of cells.
     """
-    x = _embeddings(embeddings)
+    x = np.ascontiguousarray(check_embeddings(embeddings), dtype=np.float32)
     n = x.shape[0]
     batch_codes = _codes(batch, "batch", n)
     k = _check_neighbours(n_neighbors, n)

@@ -27,7 +27,8 @@ from sklearn.preprocessing import StandardScaler
 from cmrcnet.errors import input_error
 
 
-def _embeddings(embeddings) -> np.ndarray:
+def check_embeddings(embeddings) -> np.ndarray:
+    """A 2-D real array without NaN/inf (one-line errors naming `embeddings`); shared by the batch metrics."""
     x = np.asarray(embeddings)
     if x.ndim != 2 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise input_error("embeddings", f"expected a 2-D real array (spots x dimensions), got shape {x.shape}, "
@@ -102,7 +103,7 @@ def classify_labels(embeddings, labels, groups, *, n_splits: int = 5, seed: int 
     `GroupKFold(min(n_splits, number of groups))`. Returns {"balanced_accuracy", "macro_f1", "n_folds",
     "n_classes", "n"} with n the number of labelled rows scored.
     """
-    x = _embeddings(embeddings)
+    x = check_embeddings(embeddings)
     labels, groups = np.asarray(labels, dtype=object), np.asarray(groups)
     for name, values in (("labels", labels), ("groups", groups)):
         if values.shape != (x.shape[0],):
@@ -125,7 +126,7 @@ def classify_sample_labels(embeddings, sample_of_spot, sample_labels: dict, *, n
     over samples and {"spot_balanced_accuracy", "spot_macro_f1", "spot_n"} over spots, plus "n_folds" and
     "n_classes".
     """
-    x = _embeddings(embeddings)
+    x = check_embeddings(embeddings)
     samples = np.asarray(sample_of_spot)
     if samples.shape != (x.shape[0],):
         raise input_error("sample_of_spot", f"expected {x.shape[0]} entries (one per embedding row), "
