@@ -615,3 +615,56 @@ def test_build_tables_defaults_ablation_k_without_50_and_no_hest_bench():
     assert set(plain["wilcoxon"]["method_a"]) | set(plain["wilcoxon"]["method_b"]) == {"stnet", "cmrcnet-k20",
                                                                                         "cmrcnet-k100"}
     assert set(plain["table3_best_genes"]["undefined_r"]) == {"zero"}
+
+
+def test_build_tables_puts_the_ablation_at_k50_even_when_a_smaller_k_is_evaluated():
+    """The ablation (Table 5) is at k = 50 whenever 50 is evaluated, not at the smallest k (20 here)."""
+    from cmrcnet.evaluation.tables import build_tables
+
+    labels = {"cmrcnet-k20": ("cmrcnet", "k20", 0.3), "cmrcnet-k50": ("cmrcnet", "k50", 0.32),
+              "cmrcnet-none-k20": ("cmrcnet-none", "k20", 0.1), "cmrcnet-none-k50": ("cmrcnet-none", "k50", 0.2)}
+    scores, sets, label_rows = bt_inputs(labels, hest=[], datasets=("SKCM",))
+    config = {"evaluation": {"k": [20, 50], "top_genes": [50, 150]}, "methods": CONFIG["methods"]}
+
+    paper_tables, _ = build_tables(scores[scores["protocol"] == "paper"], sets[sets["protocol"] == "paper"],
+                                   label_rows, config, n_boot=10)
+
+    t5, _, title, _ = paper_tables["table5_ablation"]
+    assert title == "Table 5: CMRCNet ablation (k = 50, mean over datasets)"
+    assert t5["method"].tolist() == ["cmrcnet-k50", "cmrcnet-none-k50"]
+
+
+def test_build_tables_notes_name_every_short_hest_set_and_table4_says_why_a_column_is_missing():
+    """Two HEST-bench sets short of evaluation.hest_bench_genes are both named, comma-separated; a top-50 set a
+    dataset lacks is explained in Table 4's note too, not only in Table 1's."""
+    from cmrcnet.evaluation.tables import build_tables
+
+    scores, sets, label_rows = bt_inputs()
+    sets = sets[~((sets["dataset"] == "COAD") & (sets["gene_set"] == "HVG50"))]
+    config = {**BT_CONFIG, "evaluation": {**BT_CONFIG["evaluation"], "hest_bench_genes": 20}}
+
+    paper_tables, _ = build_tables(scores, sets, label_rows, config, n_boot=10)
+
+    assert paper_tables["hest_bench"][3].endswith(
+        "Fewer genes than evaluation.hest_bench_genes (20) qualify in some datasets; each set is named by its real "
+        "count (hest6, hest12).")
+    assert paper_tables["table4_foundation"][3] == (
+        f'{NOTE_OMIT}. Empty until the config has a method with `model: foundation` or `model: probe`. "-": HVG50 '
+        'not computed for COAD.')
+
+
+def test_build_tables_with_only_ablations_scored_gives_an_empty_table3_with_its_columns():
+    """No non-ablation method scored: Table 3 (and so its CSV) is empty but keeps its header."""
+    from cmrcnet.evaluation.stats import BEST_COLUMNS
+    from cmrcnet.evaluation.tables import build_tables
+
+    labels = {"cmrcnet-none-k50": ("cmrcnet-none", "k50", 0.2), "cmrcnet-mask03-k50": ("cmrcnet-mask03", "k50", 0.3)}
+    scores, sets, label_rows = bt_inputs(labels, hest=[], datasets=("SKCM",))
+    config = {"evaluation": {"k": [50], "top_genes": [50, 150]}, "methods": CONFIG["methods"]}
+
+    paper_tables, plain = build_tables(scores[scores["protocol"] == "paper"], sets[sets["protocol"] == "paper"],
+                                       label_rows, config, n_boot=10)
+
+    best = plain["table3_best_genes"]
+    assert best.empty and best.columns.tolist() == BEST_COLUMNS + ["undefined_r"]
+    assert paper_tables["table5_ablation"][0]["method"].tolist() == ["cmrcnet-none-k50", "cmrcnet-mask03-k50"]

@@ -332,10 +332,9 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
                        key=lambda g: (len(g), g))  # hest{n}: n = the genes that qualified, per dataset
     wilcoxon = wilcoxon_between_methods(main_scores, gene_sets, gene_set=MAIN_SETS + hest_sets,
                                         undefined_r=undefined_r).assign(undefined_r=undefined_r)
-    best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5, undefined_r=undefined_r) \
-        if not main_scores.empty else pd.DataFrame()
-    if not best.empty:
-        best = best.assign(undefined_r=undefined_r)
+    # with no non-ablation method scored, Table 3 is empty but keeps its columns (a CSV with its header)
+    best = best_genes(main_scores[main_scores["protocol"] == "paper"], n=5,
+                      undefined_r=undefined_r).assign(undefined_r=undefined_r)
     ablation_k = 50 if 50 in ks else ks[0]
     note = f"mean ± sd over folds; in brackets the paper's value and our difference; {UNDEFINED_R_NOTES[undefined_r]}"
     dataset_rank = {d: i for i, d in enumerate(config.get("datasets", {}))}
