@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -384,3 +385,96 @@ def test_ordered_sorts_by_value_then_lower_index():
         order = np.lexsort((indices[row].numpy(), -values[row].numpy()))
         assert got_i[row].tolist() == indices[row].numpy()[order].tolist()
         assert got_v[row].tolist() == values[row].numpy()[order].tolist()
+
+
+@pytest.mark.parametrize(("queries", "references", "message"), [
+    ([[1.0, None], [2.0, 3.0]], np.ones((3, 2)), "queries: expected a 2-D numeric array, got list"),
+    (np.ones((2, 2)), np.full((3, 2), "a"), "references: expected a numeric array, got dtype <U1"),
+    (np.ones((2, 2), dtype=complex), np.ones((3, 2)), "queries: complex values (torch.complex128) are not supported"),
+    (np.ones((2, 2)), np.ones((3, 0)), "references: has 0 dimensions"),
+])
+def test_topk_input_error_messages(queries, references, message):
+    with _raises(message):
+        topk_cosine(queries, references, 2)
+
+
+def test_nan_is_found_past_the_first_check_chunk():
+    """Inputs are checked for NaN/inf in chunks of _CHECK_ROWS rows: a NaN in the second chunk is found too (and
+    its row named), in an input with far more rows than columns."""
+    rows = retrieval._CHECK_ROWS + 5
+    queries = np.ones((rows, 2), dtype=np.float32)
+    queries[rows - 3, 1] = np.nan
+    with _raises(f"queries: contain NaN or infinite values (first in row {rows - 3})"):
+        topk_cosine(queries, np.ones((3, 2)), 2)
+
+
+def test_one_query_one_dimension_bool_and_big_endian_inputs():
+    """Edge inputs that are valid: a single query, 1-d vectors (cosine = product of signs), bool arrays (0/1),
+    big-endian floats (converted to native order), and read-only arrays (no warning)."""
+    queries, references = gaussian(1, 40, 5, seed=11)
+    sims, idx = topk_cosine(queries, references, 4)
+    assert_same_neighbours(sims, idx, *brute_force(queries, references, 4))
+
+    sims, idx = topk_cosine(np.array([[2.0], [-1.0]]), np.array([[-3.0], [0.5], [4.0]]), 3)
+    assert idx.tolist() == [[1, 2, 0], [0, 1, 2]] and sims.tolist() == [[1.0, 1.0, -1.0], [1.0, -1.0, -1.0]]
+
+    flags = np.array([[True, False, True], [False, True, True], [True, True, True]])
+    sims, idx = topk_cosine(flags, flags, 1)
+    assert idx[:, 0].tolist() == [0, 1, 2]
+    torch.testing.assert_close(sims[:, 0], torch.ones(3))
+
+    native = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)
+    big_endian = native.astype(">f4")
+    big_endian.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = topk_cosine(big_endian, big_endian, 3)
+    want = topk_cosine(native, native, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    native.flags.writeable = False  # no conversion: torch.from_numpy sees the read-only array itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = topk_cosine(native, native, 3)
+    assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])
+
+
+def test_inputs_are_left_unchanged_and_rows_of_any_scale_are_normalised_alone():
+    """The search normalises copies: the caller's float32 arrays and tensors keep their values. Each row is
+    scaled by its own largest magnitude before normalising, so a row of 1e-30s beside a row of 1e30s is not
+    flushed to a zero vector: every row is its own nearest neighbour, at similarity 1."""
+    rng = np.random.default_rng(6)
+    data = rng.normal(size=(4, 3)).astype(np.float32) * np.array([[1e30], [1e-30], [1.0], [1e-20]], dtype=np.float32)
+    before = data.copy()
+    tensor = torch.from_numpy(data.copy())
+    sims, idx = topk_cosine(data, tensor, 1)
+    np.testing.assert_array_equal(data, before)
+    assert torch.equal(tensor, torch.from_numpy(before))
+    assert idx[:, 0].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(sims[:, 0], torch.ones(4))
+
+
+def test_outputs_are_float32_whatever_the_default_dtype():
+    """Similarities are float32 (as documented) even when the caller made float64 torch's default dtype."""
+    queries, references = gaussian(5, 30, 4, seed=12)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sims, idx = topk_cosine(queries, references, 3)
+    finally:
+        torch.set_default_dtype(old)
+    assert sims.dtype == torch.float32 and idx.dtype == torch.int64
+    assert_same_neighbours(sims, idx, *brute_force(queries, references, 3))
+
+
+def test_progress_bar_counts_query_blocks(capsys):
+    queries, references = gaussian(9, 30, 4, seed=13)
+    topk_cosine(queries, references, 3, query_block=3, progress=True)
+    err = capsys.readouterr().err
+    assert "top-3 of 30 references" in err and "3/3" in err
+    assert re.search(r"[\d.?]+(block/s|s/block)\]", err), err
+
+
+def test_predict_by_retrieval_names_ragged_reference_values():
+    queries, references, _ = _emb()
+    with _raises("reference_values: expected a dense 2-D array, got a ragged list"):
+        predict_by_retrieval(queries, references, [[1.0, 2.0], [3.0]], [2])
