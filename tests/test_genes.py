@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import make_counts_adata
 
-from cmrcnet.data.genes import is_control_probe, normalise_sample, read_gene_table, select_genes
+from cmrcnet.data.genes import is_control_probe, normalise_sample, read_gene_table, sample_hvgs, select_genes
 from cmrcnet.errors import CMRCNetError
 
 CONTROLS = ["^BLANK", "^NegControl", "^Unassigned"]
@@ -377,3 +377,182 @@ def test_normalise_writes_and_logs_what_it_did(tmp_path, caplog, spots, dense):
         assert json.loads(got.uns["cmrcnet"]) == {"sample": "S5", "dataset": "D", "target_sum": 100.0, "spots": spots,
                                                   "normalised_over": "all measured genes",
                                                   "provenance": {"st_file": str(st)}}
+
+
+# ---- genes.py mutation survivors (2026-12-01): exact messages, defaults, the flavour, what is logged ----
+
+HINT = "a tab-separated text file with a 'gene' column, as `cmrcnet select-genes` writes (genes.tsv)"
+
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("absent.tsv", None, "gene table not found"),
+    ("S1.h5ad", "h5ad", f"not a gene table (this is an .h5ad, not a gene table): expected {HINT} (UnicodeDecodeError)"),
+    ("genes.bin", b"\xff\xfe\x00\x81gene\n", f"not a gene table: expected {HINT} (UnicodeDecodeError)"),
+    ("empty.tsv", b"", f"not a gene table: expected {HINT} (EmptyDataError)"),
+    ("nogene.tsv", b"name\nA\nB\n", "gene table needs a 'gene' column of unique names"),
+    ("missing.tsv", b"gene\tx\nA\t1\n\t2\n", "gene table needs a 'gene' column of unique names"),
+    ("twice.tsv", b"gene\nA\nB\nA\n", "gene table needs a 'gene' column of unique names"),
+])
+def test_read_gene_table_names_the_file_and_the_problem(tmp_path, name, content, problem):
+    path = tmp_path / name
+    if content == "h5ad":
+        make_counts_adata().write_h5ad(path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(f'{path}: {problem}')}$"):
+        read_gene_table(path)
+
+
+def _with_one_spot_gene():
+    """The rare-genes sample plus R1, detected in exactly one in-tissue spot."""
+    adata = _rare_genes_sample()
+    X = np.c_[adata.X.toarray(), np.zeros(adata.n_obs, np.int32)]
+    X[9, -1] = 4
+    out = ad.AnnData(X=sp.csr_matrix(X), obs=adata.obs, var=pd.DataFrame(index=[*adata.var_names, "R1"]))
+    out.obsm["spatial"] = adata.obsm["spatial"]
+    return out
+
+
+@pytest.mark.parametrize(("kwargs", "has_r1"), [({}, True), ({"min_spots": 0}, True), ({"min_spots": 1}, True),
+                                                ({"min_spots": 2}, False)])
+def test_a_gene_seen_in_one_spot_is_a_candidate_by_default(tmp_path, kwargs, has_r1):
+    """The default min_spots is 1: one in-tissue spot suffices (0 means the same)."""
+    p1 = write(tmp_path, "S1", _with_one_spot_gene())
+    table = select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=100, **kwargs)
+    assert ("R1" in set(table.gene)) is has_r1
+    assert len(table) == 7 + has_r1
+
+
+def test_default_n_top_hvg_is_1000_per_sample(tmp_path):
+    p1 = write(tmp_path, "S1", hvg_sample(3, ["G010"], n_genes=1001, n_spots=80))
+    table = select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d")
+    assert len(table) == 1000
+
+
+@pytest.mark.parametrize("min_spots", [0, 1])
+def test_sample_hvgs_with_no_detected_gene_says_so(min_spots):
+    adata = make_counts_adata(n_spots=40, genes=("A", "B"))
+    adata.X = sp.csr_matrix((40, 2), dtype=np.int32)
+    message = ("sample: no gene is detected in at least 1 in-tissue spots (genes.min_spots) of its 40; highly "
+               "variable genes cannot be chosen")
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$"):
+        sample_hvgs(adata, 10, "seurat", min_spots)
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+def test_sample_hvgs_uses_the_configured_flavour(flavor):
+    """On this sample the two flavours choose different top-5 genes; each must be scanpy's own choice for it, on
+    the filtered, normalised and log1p-transformed copy."""
+    import scanpy as sc
+
+    adata = hvg_sample(1, ["G010", "G020"])
+    ref = adata.copy()
+    sc.pp.normalize_total(ref)
+    sc.pp.log1p(ref)
+    expected = {f: sorted(sc.pp.highly_variable_genes(ref, n_top_genes=5, flavor=f, inplace=False)
+                          .set_index(ref.var_names).query("highly_variable").index) for f in ("seurat", "cell_ranger")}
+    assert expected["seurat"] != expected["cell_ranger"]
+    assert sorted(sample_hvgs(adata, 5, flavor, 1)) == expected[flavor]
+    np.testing.assert_array_equal(adata.X.toarray(), hvg_sample(1, ["G010", "G020"]).X.toarray())  # input unchanged
+
+
+def _sample_error(tmp_path, name, adata, **kwargs):
+    path = write(tmp_path, name, adata)
+    with pytest.raises(CMRCNetError) as info:
+        select_genes({name: path}, tmp_path / "g.tsv", **{"method": "hvg_union", "dataset": "d", **kwargs})
+    assert not (tmp_path / "g.tsv").exists()
+    return path, str(info.value)
+
+
+def test_select_genes_errors_on_a_sample_name_its_file(tmp_path):
+    off = make_counts_adata(n_spots=10, genes=("A", "B"), in_tissue=np.zeros(10, int))
+    path, message = _sample_error(tmp_path, "S1", off)
+    assert message == f"{path}: no in-tissue spots (obs['in_tissue'] is 0 everywhere)"
+
+    for name, values in [("S2", lambda X: X + 0.5), ("S3", lambda X: -X)]:  # fractional, or negative whole numbers
+        bad = make_counts_adata(genes=("A", "B"))
+        bad.X = sp.csr_matrix(values(bad.X.toarray() + 1))
+        path, message = _sample_error(tmp_path, name, bad, method="panel")
+        assert message == f"{path}: X does not hold raw integer counts (negative or fractional values found)"
+
+    empty = make_counts_adata(n_spots=10, genes=("A", "B"), in_tissue=np.r_[np.ones(7, int), np.zeros(3, int)])
+    empty.X = sp.csr_matrix((10, 2), dtype=np.int32)
+    path, message = _sample_error(tmp_path, "S4", empty)
+    assert message == (f"{path}: no counts: the 7 in-tissue spots x 2 genes are all zero (an empty or failed "
+                       "sample?); remove it from the dataset's samples")
+
+    path, message = _sample_error(tmp_path, "S5", make_counts_adata(n_spots=40), n_top_hvg=2, min_spots=50)
+    assert message == (f"{path}: no gene is detected in at least 50 in-tissue spots (genes.min_spots) of its 40; "
+                       "highly variable genes cannot be chosen")
+
+
+@pytest.mark.parametrize("n_top_hvg", [0, -3, True, 2.5, "3", None])
+def test_select_genes_refuses_a_bad_n_top_hvg_for_hvg_union_only(tmp_path, n_top_hvg):
+    p1 = write(tmp_path, "S1", make_counts_adata(genes=("A", "B")))
+    message = f"n_top_hvg: must be a whole number of genes of at least 1, got {n_top_hvg!r}"
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$"):
+        select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=n_top_hvg)
+    panel = select_genes({"S1": p1}, tmp_path / "p.tsv", method="panel", dataset="d", n_top_hvg=n_top_hvg)
+    assert list(panel.gene) == ["A", "B"]  # a panel has no use for it
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"st_files": {}}, "dataset d: no samples to select genes from"),
+    ({"panel_controls": "some"}, "panel_controls: unknown value 'some'; use drop or keep"),
+    ({"method": "hvg"}, "gene_selection: unknown method 'hvg'; use hvg_union or panel"),
+    ({"control_probe_patterns": ["^BLANK", "^Neg"]}, "dataset d: gene selection left no genes"),
+])
+def test_select_genes_refuses_bad_settings_with_one_line(tmp_path, kwargs, message):
+    p1 = write(tmp_path, "S1", make_counts_adata(genes=("BLANK_1", "NegControl_2")))
+    args = {"st_files": {"S1": p1}, "out_tsv": tmp_path / "g.tsv", "method": "panel", "dataset": "d", **kwargs}
+    with pytest.raises(CMRCNetError, match=f"^{re.escape(message)}$"):
+        select_genes(**args)
+    assert not (tmp_path / "g.tsv").exists()
+
+
+def _cmrcnet_log(caplog):
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cmrcnet"]
+
+
+def test_select_genes_logs_each_step_hvg_union(tmp_path, caplog):
+    """Each sample's HVG count, the HVGs and markers left out, the total, and the difference from the paper."""
+    s2 = hvg_sample(2, ["G040"])
+    p1 = write(tmp_path, "S1", hvg_sample(1, ["G010"]))
+    p2 = write(tmp_path, "S2", s2[:, [g for g in s2.var_names if g != "G010"]].copy())
+    with caplog.at_level(logging.INFO, logger="cmrcnet"):
+        select_genes({"S1": p1, "S2": p2}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=1,
+                     marker_genes=["G020", "NOPE"], paper_n_genes=5)
+    assert _cmrcnet_log(caplog) == [
+        ("INFO", "S1: 1 highly variable genes"),
+        ("INFO", "S2: 1 highly variable genes"),
+        ("WARNING", "dataset d: 1 highly variable genes are not measured in every sample; left out"),
+        ("WARNING", "dataset d: marker gene NOPE is not measured in every sample; left out"),
+        ("INFO", "dataset d: 2 genes selected (hvg_union), 1 marker genes"),
+        ("WARNING", "dataset d: 2 genes selected, the paper used 5 (-3)"),
+    ]
+
+
+def test_select_genes_logs_the_hvg_count_it_found(tmp_path, caplog):
+    """n_top_hvg above a sample's gene count: the log says how many were chosen, not how many were asked for."""
+    p1 = write(tmp_path, "S1", _rare_genes_sample())
+    with caplog.at_level(logging.INFO, logger="cmrcnet"):
+        select_genes({"S1": p1}, tmp_path / "g.tsv", method="hvg_union", dataset="d", n_top_hvg=100, min_spots=5)
+    assert _cmrcnet_log(caplog)[0] == ("INFO", "S1: 6 highly variable genes")
+
+
+@pytest.mark.parametrize(("controls", "patterns", "summary"), [
+    ("drop", CONTROLS, "4 control probes removed (^BLANK: 2, ^NegControl: 1, ^Unassigned: 1)"),
+    ("keep", CONTROLS, "4 control probes kept (^BLANK: 2, ^NegControl: 1, ^Unassigned: 1)"),
+    ("drop", [], "0 control probes removed (none)"),
+])
+def test_select_genes_logs_the_panel_and_its_control_probes(tmp_path, caplog, controls, patterns, summary):
+    genes = PANEL + ["BLANK_0002"]
+    p1 = write(tmp_path, "S1", make_counts_adata(genes=genes, seed=1))
+    with caplog.at_level(logging.INFO, logger="cmrcnet"):
+        table = select_genes({"S1": p1}, tmp_path / "g.tsv", method="panel", dataset="X", panel_controls=controls,
+                             control_probe_patterns=patterns, marker_genes=["GATA3"])
+    assert _cmrcnet_log(caplog) == [
+        ("INFO", f"dataset X: panel of 7 features measured in every sample, {summary}"),
+        ("INFO", f"dataset X: {len(table)} genes selected (panel), 1 marker genes"),
+    ]
+    assert len(table) == (3 if controls == "drop" and patterns else 7)

@@ -120,9 +120,10 @@ def select_genes(
         genes = set(adata.var_names)
         shared = genes if shared is None else shared & genes
         if method == "hvg_union":
-            for gene in sample_hvgs(adata, n_top_hvg, hvg_flavor, min_spots, where=path):
+            hvgs = sample_hvgs(adata, n_top_hvg, hvg_flavor, min_spots, where=path)
+            for gene in hvgs:
                 hvg_counts[gene] = hvg_counts.get(gene, 0) + 1
-            log.info("%s: %d highly variable genes", sample, n_top_hvg)
+            log.info("%s: %d highly variable genes", sample, len(hvgs))
     assert shared is not None
     if method == "hvg_union":
         chosen = {g for g in hvg_counts if g in shared}
