@@ -206,3 +206,143 @@ def test_epochs_are_fingerprinted_when_they_shape_the_schedule():
     fp = lambda cfg: fingerprint("cmrcnet", {}, cfg, ["A"], 0, 0)  # noqa: E731
     assert fp(_cfg(schedule="cosine", epochs=10)) != fp(_cfg(schedule="cosine", epochs=20))
     assert fp(_cfg(schedule="constant", epochs=10)) == fp(_cfg(schedule="constant", epochs=20))
+
+
+# --- 7. the branch's layers are the paper's (and the choices recorded in docs/fidelity.md) -------------------
+
+def test_paper_defaults_build_the_papers_branch():
+    """The defaults are the paper's numbers: tau 1; SNN FC + SELU + AlphaDropout(0.25) to 8 x 256 gene tokens (the
+    hidden width 1024 is our choice); a 4-head cross-attention; two 8-head fusion modules (MLP ratio 4 and dropout
+    0.1 are our choices, ViT's defaults); dropout 0.1 in the projection heads and attention layers."""
+    model = create_model("cmrcnet", G)
+    assert model.contrastive.tau == 1.0 and model.mask_rate == 0.5 and model.recon_target == "image"
+    assert model.detach_target is False and model.recon_criterion is not None
+    snn = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None), getattr(m, "p", None))
+           for m in model.gene_encoder]
+    assert snn == [("Linear", G, 1024, None), ("SELU", None, None, None), ("AlphaDropout", None, None, 0.25),
+                   ("Linear", 1024, 2048, None), ("SELU", None, None, None), ("AlphaDropout", None, None, 0.25)]
+    assert model.gene_tokens(torch.rand(2, G)).shape == (2, 8, 256)
+    assert (model.token_proj.in_features, model.token_proj.out_features) == (768, 256)
+    assert (model.gene_cross.num_heads, model.gene_cross.dropout, model.gene_cross.batch_first) == (4, 0.1, True)
+    assert len(model.fusion) == 2
+    for block in model.fusion:
+        layer = block.block
+        assert (layer.self_attn.num_heads, layer.linear1.out_features, layer.dropout.p) == (8, 1024, 0.1)
+        assert (block.cross.attn.num_heads, block.cross.attn.dropout) == (8, 0.1)
+    assert model.image_head.dropout.p == 0.1 and model.expression_head.dropout.p == 0.1
+
+
+def test_given_settings_reach_every_layer():
+    model = tiny(dropout=0.3, snn_dropout=0.4, tau=0.5, fusion_mlp_ratio=2.0, n_gene_tokens=2, snn_hidden=24)
+    assert model.contrastive.tau == 0.5
+    assert [m.p for m in model.gene_encoder if isinstance(m, torch.nn.AlphaDropout)] == [0.4, 0.4]
+    assert [m.out_features for m in model.gene_encoder if isinstance(m, torch.nn.Linear)] == [24, 2 * 16]
+    assert model.gene_cross.dropout == 0.3 and model.image_head.dropout.p == 0.3
+    for block in model.fusion:
+        assert (block.block.linear1.out_features, block.block.dropout.p, block.cross.attn.dropout) == (32, 0.3, 0.3)
+
+
+def test_pretrained_weights_reach_the_image_encoder(tmp_path):
+    source = tiny(seed=7)
+    path = tmp_path / "vit.pt"
+    torch.save(source.image_encoder.state_dict(), path)
+    loaded = tiny(seed=0, pretrained_path=str(path))
+    for name, value in source.image_encoder.state_dict().items():
+        torch.testing.assert_close(loaded.image_encoder.state_dict()[name], value)
+    assert not torch.equal(tiny(seed=0).image_encoder.patch_embed.proj.weight, source.image_encoder.patch_embed.proj.weight)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"recon_loss": "l1"}, "recon_loss: unknown 'l1'; use one of mse, cosine, none"),
+    ({"recon_target": "both"}, "recon_target: unknown 'both'; use one of image, expression"),
+    ({"mask_rate": 1.0}, "mask_rate: must be in [0, 1), got 1.0"),
+    ({"mask_rate": -0.1}, "mask_rate: must be in [0, 1), got -0.1"),
+    ({"cross_heads": 3}, "cross_heads: 3 heads do not divide embed_dim 16"),
+    ({"fusion_heads": 5}, "fusion_heads: 5 heads do not divide embed_dim 16"),
+])
+def test_bad_settings_give_one_exact_line(setting, message):
+    with pytest.raises(CMRCNetError) as err:
+        tiny(**setting)
+    assert str(err.value) == message
+
+
+def test_mask_rate_zero_is_allowed_and_masks_nothing():
+    model = tiny(mask_rate=0.0).train()
+    tokens = torch.randn(2, 5, 16)
+    torch.testing.assert_close(model._mask(tokens), tokens)
+
+
+def test_fusion_block_is_a_pre_ln_gelu_transformer_block_then_the_residual_cross_attention():
+    """By hand, one sample at a time (so the batch axis is the batch): h = x + SA(LN1(x)); y = h + W2 GELU(W1 LN2(h));
+    out = cross(y, genes). The defaults: MLP ratio 4, dropout 0.1."""
+    from cmrcnet.models.cmrcnet import FusionBlock
+
+    torch.manual_seed(0)
+    block = FusionBlock(8, heads=2)
+    layer = block.block
+    assert (layer.linear1.out_features, layer.dropout.p, block.cross.attn.dropout) == (32, 0.1, 0.1)
+    block.eval()
+    x, genes = torch.randn(3, 5, 8), torch.randn(3, 4, 8)
+    with torch.no_grad():
+        rows = []
+        for i in range(3):
+            xi = x[i:i + 1]
+            normed = layer.norm1(xi)
+            h = xi + layer.self_attn(normed, normed, normed, need_weights=False)[0]
+            y = h + layer.linear2(F.gelu(layer.linear1(layer.norm2(h))))
+            rows.append(block.cross(y, genes[i:i + 1]))
+        torch.testing.assert_close(block(x, genes), torch.cat(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_cross_attention_dropout():
+    assert ResidualCrossAttention(8, 2).attn.dropout == 0.1
+    assert ResidualCrossAttention(8, 2, dropout=0.2).attn.dropout == 0.2
+
+
+def test_reconstruction_is_the_token_mean_of_the_last_fusion_module():
+    model = tiny().eval()
+    seen = {}
+    model.fusion[-1].register_forward_hook(lambda m, args, out: seen.update(out=out))
+    data = batch()
+    with torch.no_grad():
+        _, tokens = model.image_features(data["image"])
+        rebuilt = model.reconstruct(tokens, data["expr"])
+    assert rebuilt.shape == (4, 16)
+    torch.testing.assert_close(rebuilt, seen["out"].mean(dim=1))
+
+
+def test_snn_init_is_lecun_normal_and_its_dropout_defaults_to_a_quarter():
+    from cmrcnet.models.cmrcnet import SNNEncoder
+
+    torch.manual_seed(0)
+    snn = SNNEncoder(400, [2000])
+    weight = snn[0].weight.detach()
+    assert float(weight.std()) == pytest.approx(1 / math.sqrt(400), rel=0.01)
+    assert abs(float(weight.mean())) < 1e-3 and torch.count_nonzero(snn[0].bias) == 0
+    assert snn[2].p == 0.25
+
+
+# --- 8. random feature masking -------------------------------------------------------------------------------
+
+def test_feature_mask_counts_per_sample_even_for_one_sample_and_one_entry():
+    from cmrcnet.models.cmrcnet import random_feature_mask
+
+    one = random_feature_mask(torch.ones(1, 4, 5), 0.5)  # a batch of one sample
+    assert int((one == 0).sum()) == 10
+    single = random_feature_mask(torch.ones(3, 2, 5), 0.1)  # round(0.1 * 10) = 1 entry per sample
+    assert ((single == 0).flatten(1).sum(dim=1)).tolist() == [1, 1, 1]
+    assert torch.equal(random_feature_mask(torch.ones(3, 2, 5), 0.04), torch.ones(3, 2, 5))  # round(0.4) = 0
+
+
+def test_feature_mask_follows_its_generator_and_keeps_the_dtype():
+    from cmrcnet.models.cmrcnet import random_feature_mask
+
+    x = torch.rand(4, 3, 6) + 1
+    torch.manual_seed(1)
+    a = random_feature_mask(x, 0.5, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = random_feature_mask(x, 0.5, torch.Generator().manual_seed(5))
+    c = random_feature_mask(x, 0.5, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    half = random_feature_mask(x.to(torch.bfloat16), 0.5)
+    assert half.dtype == torch.bfloat16 and int((half == 0).sum()) == 4 * 9

@@ -276,3 +276,149 @@ def test_retrieval_k_is_bounded_by_the_training_spots(tmp_path):
     check_k_fits(root, 0, [7], "cmrcnet")
     check_k_fits(root, 0, [8], "stnet")  # regression models have no neighbours
     check_k_fits(root, 0, [], "bleep")
+
+
+def test_weighted_retrieval_weights_each_neighbour_by_its_cosine(tmp_path):
+    root = write_rgb_dataset(tmp_path / "ds")
+    model_path = write_checkpoint(tmp_path / "best.pt", model_name="bleep", genes=RGB)
+    info = predict(model_path, root, tmp_path / "p.h5ad", ks=[2], weighted=True)
+    result = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert info["weighted"] is True and json.loads(result.uns["cmrcnet"])["weighted"] is True
+
+    def cos(u, v):
+        u, v = np.asarray(u, float), np.asarray(v, float)
+        return u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+
+    a, c, e, f = (np.array(v, float) for v in (TRAIN["A"]["a"], TRAIN["A"]["c"], TRAIN["B"]["e"], TRAIN["B"]["f"]))
+    q0, q1 = (np.array(TEST[t][0], float) / 255 for t in ("t0", "t1"))  # the query embedding is the mean colour
+    expected = [(cos(q0, e) * e + cos(q0, a) * a) / (cos(q0, e) + cos(q0, a)),
+                (cos(q1, f) * f + cos(q1, c) * c) / (cos(q1, f) + cos(q1, c))]
+    np.testing.assert_allclose(result.layers["k2"], expected, rtol=1e-5)
+    plain = [(e + a) / 2, (f + c) / 2]
+    assert np.abs(result.layers["k2"] - np.array(plain)).max() > 1e-3  # weighting made a difference here
+
+
+class RecordingRetriever(TinyRetriever):
+    """TinyRetriever that records the batch shapes each tower is given."""
+
+    seen: dict = {}
+
+    def embed_image(self, images):
+        RecordingRetriever.seen.setdefault("image", []).append(tuple(images.shape))
+        return super().embed_image(images)
+
+    def embed_expression(self, expression):
+        RecordingRetriever.seen.setdefault("expr", []).append(tuple(expression.shape))
+        return super().embed_expression(expression)
+
+
+def test_batch_size_reaches_both_towers(tmp_path, monkeypatch):
+    monkeypatch.setitem(MODELS, "bleep", RecordingRetriever)
+    monkeypatch.setattr(RecordingRetriever, "seen", {})
+    root = write_rgb_dataset(tmp_path / "ds")
+    model_path = write_checkpoint(tmp_path / "best.pt", model_name="bleep", genes=RGB)
+    predict(model_path, root, tmp_path / "p.h5ad", ks=[1], batch_size=3)
+    assert RecordingRetriever.seen == {"image": [(2, 3, SIZE, SIZE)], "expr": [(3, 3), (3, 3), (1, 3)]}
+    RecordingRetriever.seen = {}
+    predict(model_path, root, tmp_path / "q.h5ad", ks=[1], batch_size=1)
+    assert RecordingRetriever.seen == {"image": [(1, 3, SIZE, SIZE)] * 2, "expr": [(1, 3)] * 7}
+
+
+def test_the_k_too_large_message_names_the_largest_of_several(tmp_path):
+    root = write_rgb_dataset(tmp_path / "ds")
+    model_path = write_checkpoint(tmp_path / "best.pt", model_name="bleep", genes=RGB)
+    with pytest.raises(CMRCNetError, match=r"evaluation\.k \(9\): more neighbours than the 7 training spots"):
+        predict(model_path, root, tmp_path / "p.h5ad", ks=[9, 2, 5])
+
+
+# ---------------------------------------------------------------------------------------------- slide level
+
+
+class TinySlideRegressor(nn.Module):
+    """Stand-in for HisToGene: predicts a whole slide at once from each patch's pixels plus its grid position,
+    and records the batch shapes it is given."""
+
+    kind, slide_level = "regression", True
+    seen: list = []
+
+    def __init__(self, n_genes, input_size=SIZE):
+        super().__init__()
+        self.input_size = input_size
+        self.pixels = nn.Linear(3 * input_size * input_size, n_genes)
+        self.position = nn.Linear(2, n_genes)
+
+    def predict(self, batch):
+        TinySlideRegressor.seen.append((tuple(batch["image"].shape), tuple(batch["pos"].shape)))
+        return self.pixels(batch["image"].flatten(2)) + self.position(batch["pos"].float())
+
+
+def test_slide_level_model_predicts_each_test_slide_whole(tmp_path, dataset_dir, monkeypatch):
+    monkeypatch.setitem(MODELS, "histogene", TinySlideRegressor)
+    monkeypatch.setattr(TinySlideRegressor, "seen", [])
+    model_path = write_checkpoint(tmp_path / "best.pt", model_name="histogene")
+    info = predict(model_path, dataset_dir, tmp_path / "p.h5ad", tta=True)  # TTA is for spot-level models only
+    result = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert list(result.layers) == ["pred"] and dict(result.uns["labels"]) == {"pred": "tiny"}
+    assert info["kind"] == "regression" and info["ks"] == []
+    assert TinySlideRegressor.seen == [((1, 40, 3, SIZE, SIZE), (1, 40, 2))]  # S0, all 40 spots in one call
+
+    # by hand: the test spots' patches (resized to SIZE) and grid positions, in the prediction file's order
+    model = TinySlideRegressor(len(GENES))
+    model.load_state_dict(torch.load(model_path, weights_only=True)["model"])
+    data = load_fold(dataset_dir, 0)
+    spots = data.spot_dataset(data.all_spots(["S0"]), SIZE)
+    images = torch.stack([spots[i]["image"] for i in range(len(spots))])
+    obs = ad.read_h5ad(dataset_dir / "st" / "S0.h5ad").obs.loc[[b.split(":", 1)[1] for b in result.obs_names]]
+    pos = torch.tensor(obs[["array_row", "array_col"]].to_numpy())
+    with torch.no_grad():
+        expected = (model.pixels(images.flatten(1)) + model.position(pos.float())).numpy()
+    np.testing.assert_allclose(result.layers["pred"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.X, data.expression(data.all_spots(["S0"])))
+
+
+# ---------------------------------------------------------------------------------------------- the record
+
+
+def test_prediction_file_records_where_it_came_from(tmp_path, dataset_dir, caplog):
+    folds = pd.read_csv(dataset_dir / "folds.tsv", sep="\t")
+    folds.loc[(folds["fold"] == 0) & (folds["sample"] == "S1"), "role"] = "test"  # fold 0 tests S0 and S1
+    folds.to_csv(dataset_dir / "folds.tsv", sep="\t", index=False)
+    model_path = write_checkpoint(tmp_path / "best.pt")
+    with caplog.at_level("INFO", logger="cmrcnet"):
+        info = predict(model_path, dataset_dir, tmp_path / "p.h5ad", tta=True, device=None, fingerprint="fp123")
+    assert "tiny fold 0: 80 test spots of S0, S1 predicted (tiny, tiny-tta)" in caplog.messages
+    expected = {"method": "tiny", "model_name": "stnet", "kind": "regression", "fold": 0, "test_samples": ["S0", "S1"],
+                "train_samples": ["S2"], "ks": [], "weighted": False, "tta": True, "model_path": str(model_path),
+                "best_epoch": 3, "device": "cpu", "fingerprint": "fp123", "model_fingerprint": None}
+    assert {k: info[k] for k in expected} == expected
+    stored = json.loads(ad.read_h5ad(tmp_path / "p.h5ad").uns["cmrcnet"])
+    assert {k: stored[k] for k in expected} == expected
+    assert "torch" in stored["provenance"]["versions"]
+
+
+def test_checkpoint_without_a_fold_predicts_the_fold_asked_for(tmp_path, dataset_dir):
+    path = write_checkpoint(tmp_path / "best.pt", drop=["fold"])
+    assert predict(path, dataset_dir, tmp_path / "p.h5ad", fold=1)["test_samples"] == ["S1"]
+
+
+def test_checkpoint_without_a_method_is_named_as_unknown_when_refused(tmp_path, dataset_dir):
+    path = write_checkpoint(tmp_path / "best.pt", drop=["method"])
+    with pytest.raises(CMRCNetError, match=r"best\.pt: a stnet model \(method \?\), but the method to predict is a "
+                                           r"bleep model"):
+        predict(path, dataset_dir, tmp_path / "p.h5ad", expected_model="bleep")
+
+
+def test_prediction_file_is_float32_and_records_any_value_as_text(tmp_path, dataset_dir):
+    from cmrcnet.inference.predict import write_prediction_file
+
+    data = load_fold(dataset_dir, 0)
+    test = data.all_spots(data.test_samples)
+    truth = data.expression(test).astype(np.float64)
+    info = {"method": "m", "fold": 0, "labels": {"pred": "m"}, "model_path": tmp_path / "best.pt",
+            "best_epoch": np.int64(4)}
+    write_prediction_file(tmp_path / "p.h5ad", data, test, truth, {"pred": truth + 1.0}, info)
+    result = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert result.X.dtype == np.float32 and result.layers["pred"].dtype == np.float32
+    stored = json.loads(result.uns["cmrcnet"])
+    assert stored["model_path"] == str(tmp_path / "best.pt") and stored["best_epoch"] == "4"
+    assert "versions" in stored["provenance"]

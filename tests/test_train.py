@@ -476,3 +476,51 @@ def test_a_fold_is_a_number_or_all(dataset_dir, fold):
 
     with pytest.raises(CMRCNetError, match="fold: a fold number or 'all'"):
         load_fold(dataset_dir, fold)
+
+
+# ---------------------------------------------------------------------------------------------- mutation survivors
+
+
+def test_build_model_passes_the_methods_params():
+    bleep = train_module.build_model("bleep", len(GENES), REAL_PARAMS["bleep"])
+    assert bleep.input_size == 32 and bleep.image_head.projection.out_features == 32
+    assert bleep.expression_head.projection.in_features == len(GENES)
+
+
+def test_fingerprint_diff_names_nested_keys_and_keys_only_one_side_has():
+    old = {"train": {"lr": 1e-4, "batch_size": 64}, "params": {}, "seed": 0, "x": None}
+    new = {"train": {"lr": 1e-3, "batch_size": 64}, "params": {"hidden": 8}, "seed": 0, "y": None}
+    assert train_module.fingerprint_diff(old, new) == ["params", "params.hidden", "train.lr", "x", "y"]
+    assert train_module.fingerprint_diff(new, old) == ["params", "params.hidden", "train.lr", "x", "y"]
+    assert train_module.fingerprint_diff(old, old) == []
+
+
+def test_short_keys_lists_six_then_counts_the_rest():
+    keys = [f"k{i}" for i in range(8)]
+    assert train_module._short_keys(keys[:6]) == keys[:6]
+    assert train_module._short_keys(keys[:7]) == [*keys[:6], "1 more"]
+    assert train_module._short_keys(keys) == [*keys[:6], "2 more"]
+
+
+def test_moving_a_checkpoint_aside_logs_why_and_where(dataset_dir, tmp_path, built, caplog):
+    out = tmp_path / "out"
+    run(dataset_dir, out, stop_after_epochs=1)
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        run(dataset_dir, out, lr=1e-2, stop_after_epochs=1)
+    last = out / "checkpoints" / "last.pt"
+    assert caplog.messages == [f"tiny fold 0: not resuming {last} because train.lr changed; moved to "
+                               f"{out / 'checkpoints.previous'}, training from scratch"]
+
+
+def test_cpu_training_never_autocasts_even_with_amp(dataset_dir, tmp_path, monkeypatch):
+    """`amp` is bfloat16 autocast on a GPU only: on the CPU it would change the numbers the tests pin."""
+    seen = []
+
+    class Recording(TinySpotModel):
+        def forward(self, batch):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(batch)
+
+    monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: Recording(n_genes))
+    run(dataset_dir, tmp_path / "out", epochs=1, amp=True)
+    assert seen and not any(seen)
