@@ -524,3 +524,13 @@ def test_cpu_training_never_autocasts_even_with_amp(dataset_dir, tmp_path, monke
     monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: Recording(n_genes))
     run(dataset_dir, tmp_path / "out", epochs=1, amp=True)
     assert seen and not any(seen)
+
+
+def test_a_methods_own_train_settings_override_the_shared_ones():
+    cfg = train_module.resolve_train_cfg({"lr": 1e-3, "batch_size": 32}, {"train": {"lr": 5e-4, "epochs": 2}}, "m")
+    assert (cfg["lr"], cfg["batch_size"], cfg["epochs"], cfg["patience"]) == (5e-4, 32, 2, 10)
+    with pytest.raises(CMRCNetError) as err:
+        train_module.resolve_train_cfg({}, {"train": {"lr_max": 1}}, "m")
+    assert str(err.value) == ("methods.m.train.lr_max: unknown training setting; known: "
+                              + ", ".join(train_module.DEFAULT_TRAIN))
+    assert ", batch_size, lr, " in str(err.value)
