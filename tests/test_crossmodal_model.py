@@ -330,7 +330,10 @@ def test_lora_starts_as_the_frozen_encoder_and_trains_only_adapters(tiny_weights
     assert trainable and all(".lora_a." in n or ".lora_b." in n for n in trainable)
     assert len(trainable) == 4
     lora.train()
-    lora(x).sum().backward()
+    # a weighted sum: the tower ends in a LayerNorm (weight 1, bias 0 at init), whose plain sum over features is 0
+    # for every input, so a plain .sum() would give every parameter a zero gradient
+    weights = torch.randn(lora.out_dim, generator=torch.Generator().manual_seed(1))
+    (lora(x) * weights).sum().backward()
     assert attn.qkv.lora_b.weight.grad.abs().sum() > 0 and attn.qkv.base.weight.grad is None
     with torch.no_grad():
         attn.proj.lora_b.weight.normal_()
