@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cmrcnet.errors import CMRCNetError
 from cmrcnet.models import create_model
-from cmrcnet.models.cmrcnet import ResidualCrossAttention
+from cmrcnet.models.cmrcnet import FusionBlock, ResidualCrossAttention, SNNEncoder, random_feature_mask
 from cmrcnet.train import DEFAULT_TRAIN, fingerprint, lr_factor
 
 G = 12
@@ -275,8 +275,6 @@ def test_mask_rate_zero_is_allowed_and_masks_nothing():
 def test_fusion_block_is_a_pre_ln_gelu_transformer_block_then_the_residual_cross_attention():
     """By hand, one sample at a time (so the batch axis is the batch): h = x + SA(LN1(x)); y = h + W2 GELU(W1 LN2(h));
     out = cross(y, genes). The defaults: MLP ratio 4, dropout 0.1."""
-    from cmrcnet.models.cmrcnet import FusionBlock
-
     torch.manual_seed(0)
     block = FusionBlock(8, heads=2)
     layer = block.block
@@ -312,8 +310,6 @@ def test_reconstruction_is_the_token_mean_of_the_last_fusion_module():
 
 
 def test_snn_init_is_lecun_normal_and_its_dropout_defaults_to_a_quarter():
-    from cmrcnet.models.cmrcnet import SNNEncoder
-
     torch.manual_seed(0)
     snn = SNNEncoder(400, [2000])
     weight = snn[0].weight.detach()
@@ -325,8 +321,6 @@ def test_snn_init_is_lecun_normal_and_its_dropout_defaults_to_a_quarter():
 # --- 8. random feature masking -------------------------------------------------------------------------------
 
 def test_feature_mask_counts_per_sample_even_for_one_sample_and_one_entry():
-    from cmrcnet.models.cmrcnet import random_feature_mask
-
     one = random_feature_mask(torch.ones(1, 4, 5), 0.5)  # a batch of one sample
     assert int((one == 0).sum()) == 10
     single = random_feature_mask(torch.ones(3, 2, 5), 0.1)  # round(0.1 * 10) = 1 entry per sample
@@ -335,8 +329,6 @@ def test_feature_mask_counts_per_sample_even_for_one_sample_and_one_entry():
 
 
 def test_feature_mask_follows_its_generator_and_keeps_the_dtype():
-    from cmrcnet.models.cmrcnet import random_feature_mask
-
     x = torch.rand(4, 3, 6) + 1
     torch.manual_seed(1)
     a = random_feature_mask(x, 0.5, torch.Generator().manual_seed(5))

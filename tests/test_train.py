@@ -511,7 +511,7 @@ def test_moving_a_checkpoint_aside_logs_why_and_where(dataset_dir, tmp_path, bui
     last = out / "checkpoints" / "last.pt"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"tiny fold 0: not resuming {last} because train.lr changed; moved to "
-                               f"{out / 'checkpoints.previous'}, training from scratch"]
+                        f"{out / 'checkpoints.previous'}, training from scratch"]
 
 
 def test_cpu_training_never_autocasts_even_with_amp(dataset_dir, tmp_path, monkeypatch):
