@@ -62,31 +62,42 @@ def build_model(name: str, n_genes: int, params: dict):
     return create_model(name, n_genes=n_genes, **params)
 
 
+def _whole(value, least: int) -> bool:
+    """A whole number of at least `least` (YAML's `true` is not 1 epoch)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def resolve_train_cfg(train_cfg: dict | None, method_cfg: dict, method: str) -> dict:
     """Defaults, then the shared `train` settings, then the method's own overrides; unknown keys are refused."""
     cfg = dict(DEFAULT_TRAIN)
+    set_in = {}  # where each given value came from, so an error points at the line to fix
     for source, where in ((train_cfg or {}, "train"), (method_cfg.get("train") or {}, f"methods.{method}.train")):
         for key, value in source.items():
             if key not in DEFAULT_TRAIN:
                 raise input_error(f"{where}.{key}", f"unknown training setting; known: {', '.join(DEFAULT_TRAIN)}")
             cfg[key] = value
+            set_in[key] = where
     checks = {
-        "epochs": isinstance(cfg["epochs"], int) and cfg["epochs"] >= 1,
-        "batch_size": isinstance(cfg["batch_size"], int) and cfg["batch_size"] >= 1,
-        "lr": isinstance(cfg["lr"], (int, float)) and cfg["lr"] >= 0,
+        "epochs": _whole(cfg["epochs"], 1),
+        "batch_size": _whole(cfg["batch_size"], 1),
+        "lr": _number(cfg["lr"]) and cfg["lr"] >= 0,
         "optimizer": cfg["optimizer"] in OPTIMIZERS,
-        "patience": cfg["patience"] is None or (isinstance(cfg["patience"], int) and cfg["patience"] >= 1),
-        "num_workers": isinstance(cfg["num_workers"], int) and cfg["num_workers"] >= 0,
-        "max_steps_per_epoch": cfg["max_steps_per_epoch"] is None or cfg["max_steps_per_epoch"] >= 1,
-        "grad_clip": cfg["grad_clip"] is None or cfg["grad_clip"] > 0,
+        "patience": cfg["patience"] is None or _whole(cfg["patience"], 1),
+        "num_workers": _whole(cfg["num_workers"], 0),
+        "max_steps_per_epoch": cfg["max_steps_per_epoch"] is None or _whole(cfg["max_steps_per_epoch"], 1),
+        "grad_clip": cfg["grad_clip"] is None or (_number(cfg["grad_clip"]) and cfg["grad_clip"] > 0),
         "shuffle_pairs": isinstance(cfg["shuffle_pairs"], bool),
         "schedule": cfg["schedule"] in SCHEDULES,
-        "min_lr": isinstance(cfg["min_lr"], (int, float)) and cfg["min_lr"] >= 0,
-        "warmup_epochs": isinstance(cfg["warmup_epochs"], int) and 0 <= cfg["warmup_epochs"] < cfg["epochs"],
+        "min_lr": _number(cfg["min_lr"]) and cfg["min_lr"] >= 0,
+        "warmup_epochs": _whole(cfg["warmup_epochs"], 0) and cfg["warmup_epochs"] < cfg["epochs"],
     }
     for key, ok in checks.items():
         if not ok:
-            raise input_error(f"methods.{method}.train.{key}", f"invalid value {cfg[key]!r}")
+            raise input_error(f"{set_in.get(key, 'train')}.{key}", f"invalid value {cfg[key]!r}")
     return cfg
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cmrcnet.errors import CMRCNetError
 from cmrcnet.models import create_model
 from cmrcnet.models.cmrcnet import FusionBlock, ResidualCrossAttention, SNNEncoder, random_feature_mask
-from cmrcnet.train import DEFAULT_TRAIN, fingerprint, lr_factor
+from cmrcnet.train import DEFAULT_TRAIN, SCHEDULES, fingerprint, lr_factor
 
 G = 12
 TINY = {"encoder_kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -200,6 +200,25 @@ def test_warmup_then_cosine_and_constant():
     assert lr_factor(2, cfg) == 1.0 and lr_factor(9, cfg) < 1.0
     assert {lr_factor(e, _cfg(schedule="constant")) for e in range(10)} == {1.0}
     assert lr_factor(5, _cfg(schedule="cosine", lr=1e-6, min_lr=1e-5)) == 1.0  # never raised above the base
+
+
+def test_after_the_warm_up_the_cosine_runs_over_the_remaining_epochs():
+    """Warm-up 2 of 10 epochs: epochs 2..9 follow CosineAnnealingLR(T_max=8), as the authors' code steps it."""
+    cfg = _cfg(schedule="cosine", warmup_epochs=2, min_lr=1e-5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=1e-5)
+    for epoch in range(2, 10):
+        assert lr_factor(epoch, cfg) * 1e-4 == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        reference.step()
+    assert lr_factor(6, cfg) == pytest.approx((1e-5 + 9e-5 * 0.5) / 1e-4)  # halfway: t = (6 - 2) / 8
+
+
+def test_a_zero_learning_rate_stays_zero_without_dividing_by_it():
+    for schedule in SCHEDULES:
+        assert {lr_factor(e, _cfg(schedule=schedule, lr=0, min_lr=0)) for e in range(10)} == {1.0}
+        assert lr_factor(3, _cfg(schedule=schedule, lr=0.0)) == 1.0
 
 
 def test_epochs_are_fingerprinted_when_they_shape_the_schedule():

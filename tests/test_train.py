@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -536,3 +538,114 @@ def test_a_methods_own_train_settings_override_the_shared_ones():
     assert str(err.value) == ("methods.m.train.lr_max: unknown training setting; known: "
                               + ", ".join(train_module.DEFAULT_TRAIN))
     assert ", batch_size, lr, " in str(err.value)
+
+
+def test_no_settings_give_the_defaults_untouched():
+    cfg = train_module.resolve_train_cfg(None, {}, "m")
+    assert cfg == train_module.DEFAULT_TRAIN and cfg is not train_module.DEFAULT_TRAIN
+    cfg["lr"] = 9.0
+    assert train_module.DEFAULT_TRAIN["lr"] == 1e-4
+    assert train_module.resolve_train_cfg({}, {"train": None}, "m") == train_module.DEFAULT_TRAIN
+
+
+# Each setting's boundary: the smallest accepted value, then refused values (wrong type, one below, YAML's true).
+ACCEPTED = [("epochs", 1), ("batch_size", 1), ("lr", 0), ("lr", 0.0), ("optimizer", "Adam"), ("optimizer", "AdamW"),
+            ("patience", None), ("patience", 1), ("num_workers", 0), ("max_steps_per_epoch", None),
+            ("max_steps_per_epoch", 1), ("grad_clip", None), ("grad_clip", 1e-9), ("shuffle_pairs", True),
+            ("shuffle_pairs", False), ("schedule", "constant"), ("schedule", "cosine"), ("min_lr", 0),
+            ("min_lr", 0.0), ("warmup_epochs", 0), ("warmup_epochs", 59)]
+REFUSED = [("epochs", 0), ("epochs", 2.0), ("epochs", True), ("batch_size", 0), ("batch_size", 8.0), ("lr", -1e-9),
+           ("lr", "1e-4"), ("lr", True), ("optimizer", "adamw"), ("optimizer", "SGD"), ("patience", 0),
+           ("patience", 1.5), ("num_workers", -1), ("num_workers", 1.0), ("max_steps_per_epoch", 0),
+           ("max_steps_per_epoch", "2"), ("grad_clip", 0), ("grad_clip", -1.0), ("grad_clip", "1"),
+           ("shuffle_pairs", 1), ("shuffle_pairs", "yes"), ("schedule", "linear"), ("min_lr", -1e-9),
+           ("min_lr", "0"), ("warmup_epochs", -1), ("warmup_epochs", 60), ("warmup_epochs", 1.0)]
+
+
+@pytest.mark.parametrize("key, value", ACCEPTED)
+def test_the_smallest_valid_settings_are_accepted(key, value):
+    cfg = train_module.resolve_train_cfg({key: value}, {}, "m")
+    assert cfg[key] == value and type(cfg[key]) is type(value)
+
+
+@pytest.mark.parametrize("key, value", REFUSED)
+def test_invalid_settings_name_the_line_that_set_them(key, value):
+    for shared, own, where in (({key: value}, {}, "train"), ({}, {"train": {key: value}}, "methods.m.train")):
+        with pytest.raises(CMRCNetError) as err:
+            train_module.resolve_train_cfg(shared, own, "m")
+        assert str(err.value) == f"{where}.{key}: invalid value {value!r}"
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_where_the_warm_up_is_set():
+    assert train_module.resolve_train_cfg({"epochs": 3}, {"train": {"warmup_epochs": 2}}, "m")["warmup_epochs"] == 2
+    with pytest.raises(CMRCNetError) as err:
+        train_module.resolve_train_cfg({"warmup_epochs": 3}, {"train": {"epochs": 3}}, "m")
+    assert str(err.value) == "train.warmup_epochs: invalid value 3"
+    with pytest.raises(CMRCNetError) as err:  # the first invalid setting in the table's order is the one named
+        train_module.resolve_train_cfg({"epochs": 0, "lr": -1}, {}, "m")
+    assert str(err.value) == "train.epochs: invalid value 0"
+
+
+def test_the_fingerprint_holds_what_decides_the_weights_as_plain_sorted_json():
+    cfg = {**train_module.DEFAULT_TRAIN, "schedule": "cosine", "num_workers": 7}
+    fp = train_module.fingerprint("bleep", {"dim": 8, "weights": Path("w.pt")}, cfg, ("B", "A"), 2, 3.0,
+                                  {"genes.tsv": "sha256:ab"})
+    train = {k: v for k, v in cfg.items() if k != "num_workers"}  # epochs shape a cosine run, so they stay
+    assert fp == {"model": "bleep", "params": {"dim": 8, "weights": "w.pt"}, "train": train, "genes": ["B", "A"],
+                  "fold": 2, "seed": 3, "data": {"genes.tsv": "sha256:ab"}}
+    assert list(fp) == sorted(fp) and list(fp["train"]) == sorted(train)  # the same bytes for any config order
+    assert train_module.fingerprint("bleep", {}, cfg, ["A"], "all", 0)["fold"] == "all"
+
+
+def test_the_fingerprint_hash_is_of_the_sorted_json():
+    expected = hashlib.sha256(b'{"a": 1, "b": [2, 3]}').hexdigest()[:16]
+    assert train_module.fingerprint_hash({"b": [2, 3], "a": 1}) == expected
+    assert train_module.fingerprint_hash({"a": 1, "b": [2, 3]}) == expected and len(expected) == 16
+    assert train_module.fingerprint_hash({"a": 2, "b": [2, 3]}) != expected
+
+
+def test_seeding_fixes_python_numpy_and_torch_from_the_seed_and_the_epoch():
+    import random
+
+    import numpy as np
+
+    def draws(*seeds):
+        train_module._seed_everything(*seeds)
+        return random.random(), float(np.random.random()), float(torch.rand(1))
+
+    value = int(np.random.SeedSequence([7, 3]).generate_state(1)[0])
+    expected = (random.Random(value).random(), float(np.random.RandomState(value).random_sample()),
+                float(torch.rand(1, generator=torch.Generator().manual_seed(value))))
+    assert draws(7, 3) == expected
+    assert draws(7, 3) == draws(7, 3) != draws(7, 4) and draws(7) != draws(8)
+    assert draws(-1) == draws(2**64 - 1)  # seeds are taken modulo 2**64, so a negative seed is valid
+
+
+def test_frozen_parameters_are_left_out_and_exempt_ones_get_no_weight_decay():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+            self.head = nn.Linear(2, 1)
+            self.scale = nn.Parameter(torch.ones(()))
+
+    plain = Model()
+    # torch lists a module's own parameters before its children's
+    assert [id(p) for p in train_module._parameter_groups(plain)] == [id(plain.scale), id(plain.head.weight),
+                                                                      id(plain.head.bias)]
+    exempt = Model()
+    exempt.no_weight_decay = lambda: ["scale"]
+    groups = train_module._parameter_groups(exempt)
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(exempt.head.weight), id(exempt.head.bias)],
+                                                              [id(exempt.scale)]]
+    assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == 0.0
+
+
+def test_the_history_table_puts_epoch_and_losses_first_and_rate_and_time_last():
+    history = [{"seconds": 1.5, "lr": 1e-4, "val_loss": 0.5, "z_part": 1, "epoch": 0, "train_loss": 0.7, "a_part": 2}]
+    table = train_module._history_table(history)
+    assert list(table.columns) == ["epoch", "train_loss", "val_loss", "a_part", "z_part", "lr", "seconds"]
+    assert table.iloc[0].to_dict() == {"epoch": 0, "train_loss": 0.7, "val_loss": 0.5, "a_part": 2, "z_part": 1,
+                                       "lr": 1e-4, "seconds": 1.5}
+    assert train_module._n_spots({"s1": [0, 1, 2], "s2": [], "s3": [5]}) == 4
