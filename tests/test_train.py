@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -649,3 +650,130 @@ def test_the_history_table_puts_epoch_and_losses_first_and_rate_and_time_last():
     assert table.iloc[0].to_dict() == {"epoch": 0, "train_loss": 0.7, "val_loss": 0.5, "a_part": 2, "z_part": 1,
                                        "lr": 1e-4, "seconds": 1.5}
     assert train_module._n_spots({"s1": [0, 1, 2], "s2": [], "s3": [5]}) == 4
+
+
+def _loader_setup(dataset_dir, model, **cfg):
+    from cmrcnet.data.datasets import load_fold
+
+    data = load_fold(dataset_dir, 0)
+    train_part, val_part = data.split("spot", 0.2, 0)
+    cfg = {**train_module.DEFAULT_TRAIN, "num_workers": 0, **cfg}
+    loaders = train_module._make_loaders(data, train_part, val_part, model, cfg, 5, torch.device("cpu"))
+    return data, train_part, val_part, loaders
+
+
+def test_spot_loaders_shuffle_and_augment_training_only_and_cap_the_steps(dataset_dir):
+    model = TinySpotModel(len(GENES))
+    data, train_part, val_part, (train, val, sampler) = _loader_setup(dataset_dir, model, batch_size=4,
+                                                                       max_steps_per_epoch=2)
+    n_train = train_module._n_spots(train_part)
+    assert n_train > 8 and train.batch_size == val.batch_size == 4
+    assert train.sampler is sampler and (sampler.n, sampler.seed, sampler.shuffle, sampler.limit) == (n_train, 5, True, 8)
+    assert train.drop_last and not val.drop_last and len(train) == 2
+    assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+    assert len(val.dataset) == train_module._n_spots(val_part)
+    assert (train.dataset.augment, val.dataset.augment, train.dataset.seed, train.dataset.input_size) == (True, False, 5, 16)
+    assert train.num_workers == val.num_workers == 0 and not train.persistent_workers and not train.pin_memory
+    _, _, _, (train, val, _) = _loader_setup(dataset_dir, model, num_workers=2)  # spot loaders take the count as given
+    assert train.num_workers == val.num_workers == 2 and train.persistent_workers and val.persistent_workers
+    np.testing.assert_array_equal(train.dataset.expression, data.expression(train_part))  # pairs kept
+
+
+def test_uncapped_loader_takes_every_spot_and_keeps_a_short_last_batch_only_when_alone(dataset_dir):
+    model = TinySpotModel(len(GENES))
+    _, train_part, _, (train, _, sampler) = _loader_setup(dataset_dir, model, batch_size=4)
+    assert sampler.limit is None and len(sampler) == train_module._n_spots(train_part) and train.drop_last
+    _, train_part, _, (train, _, sampler) = _loader_setup(dataset_dir, model, batch_size=1000)
+    assert len(sampler) < 1000 and not train.drop_last and len(train) == 1  # one short batch is all there is
+
+
+def test_the_shuffled_pairing_control_permutes_training_expression_by_the_seed(dataset_dir):
+    model = TinySpotModel(len(GENES))
+    data, train_part, val_part, (train, val, _) = _loader_setup(dataset_dir, model, shuffle_pairs=True)
+    plain = data.expression(train_part)
+    order = np.random.default_rng(5).permutation(len(plain))
+    np.testing.assert_array_equal(train.dataset.expression, plain[order])
+    assert not np.array_equal(train.dataset.expression, plain)
+    np.testing.assert_array_equal(val.dataset.expression, data.expression(val_part))
+
+
+def test_slide_loaders_take_one_slide_per_batch_and_no_more_workers_than_slides(dataset_dir):
+    model = TinySlideModel(len(GENES), n_pos=8)
+    _, train_part, val_part, (train, val, sampler) = _loader_setup(dataset_dir, model, batch_size=16, num_workers=50)
+    assert train.batch_size == val.batch_size == 1 and sampler.n == len(train.dataset) == len(train_part) >= 2
+    assert train.drop_last and (train.dataset.augment, val.dataset.augment) == (True, False)
+    assert (train.num_workers, val.num_workers) == (len(train_part), len(val_part)) and train.persistent_workers
+    with pytest.raises(CMRCNetError) as err:
+        _loader_setup(dataset_dir, model, shuffle_pairs=True)
+    assert str(err.value) == "train.shuffle_pairs: the shuffled-pairing control supports spot-level models only"
+
+
+class Probe(nn.Module):
+    """loss = w * mean(expr): hand-checkable gradients; records what each call saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(2.0))
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append({"keys": sorted(batch), "training": self.training, "grad": torch.is_grad_enabled(),
+                          "channels_last": batch["image"].is_contiguous(memory_format=torch.channels_last)
+                          and not batch["image"].is_contiguous()})
+        mean = batch["expr"].mean()
+        return {"loss": self.w * mean, "part": batch["expr"].sum(), "pred": batch["expr"] * self.w}
+
+
+def _batches(*sizes, genes=2, slide=False):
+    out = []
+    for i, n in enumerate(sizes):
+        expr = torch.full((n, genes), float(i + 1))
+        image = torch.ones(n, 3, 4, 4)
+        out.append({"image": image[None] if slide else image, "expr": expr[None] if slide else expr,
+                    "index": torch.arange(n)})
+    return out
+
+
+def _epoch(model, loader, optimizer=None, channels_last=False, **cfg):
+    cfg = {"amp": False, "grad_clip": None, **cfg}
+    return train_module._run_epoch(model, loader, optimizer, torch.device("cpu"), cfg, channels_last, "val", False)
+
+
+def test_an_epochs_losses_are_means_weighted_by_spots():
+    model = Probe()
+    means = _epoch(model, _batches(3, 1))  # batch means 1 and 2, sums 6 and 4
+    assert means == {"loss": pytest.approx(2.0 * (1 * 3 + 2 * 1) / 4), "part": pytest.approx((6 * 3 + 4 * 1) / 4)}
+    slide = _epoch(Probe(), _batches(5, 1, slide=True))  # a slide's spots are its second axis
+    assert slide["loss"] == pytest.approx(2.0 * (1 * 5 + 2 * 1) / 6)
+    assert all(s["keys"] == ["expr", "image"] and not s["training"] and not s["grad"] for s in model.seen)
+
+
+def test_training_steps_once_per_batch_from_fresh_gradients():
+    model = Probe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _epoch(model, _batches(2, 2), optimizer)  # d loss / d w = mean(expr): 1, then 2 (not 1 + 2)
+    assert model.w.item() == pytest.approx(2.0 - 0.5 * 1 - 0.5 * 2)
+    assert all(s["training"] and s["grad"] for s in model.seen)
+
+
+def test_gradients_are_clipped_to_the_set_norm():
+    model = Probe()
+    _epoch(model, _batches(2, 2)[1:], torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=0.25)  # gradient 2
+    assert model.w.item() == pytest.approx(2.0 - 0.25)
+    model = Probe()
+    _epoch(model, _batches(2, 2)[1:], torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=5.0)  # under the norm
+    assert model.w.item() == pytest.approx(0.0)
+
+
+def test_channels_last_applies_to_patch_batches_only():
+    model = Probe()
+    _epoch(model, _batches(2), channels_last=True)
+    _epoch(model, _batches(2), channels_last=False)
+    _epoch(model, _batches(2, slide=True), channels_last=True)  # a 5-D slide stays as it is
+    assert [s["channels_last"] for s in model.seen] == [True, False, False]
+
+
+def test_an_epoch_without_batches_says_so():
+    with pytest.raises(RuntimeError) as err:
+        _epoch(Probe(), [])
+    assert str(err.value) == "val: no batches (too few spots for the batch size?)"
