@@ -777,3 +777,88 @@ def test_an_epoch_without_batches_says_so():
     with pytest.raises(RuntimeError) as err:
         _epoch(Probe(), [])
     assert str(err.value) == "val: no batches (too few spots for the batch size?)"
+
+
+def test_a_finished_run_records_its_config_summary_and_model_exactly(dataset_dir, tmp_path, built):
+    from cmrcnet.data.datasets import load_fold
+
+    out = tmp_path / "out"
+    method_cfg = {"model": "stnet", "params": {"hidden": 8}}
+    train_cfg = {"epochs": 3, "batch_size": 16, "lr": 2e-3, "num_workers": 0, "patience": None, "schedule": "cosine",
+                 "min_lr": 1e-4, "weight_decay": 0.0}
+    summary = train_fold(method="tiny", method_cfg=method_cfg, train_cfg=train_cfg, dataset_dir=dataset_dir, fold=0,
+                         out_dir=out, seed=4, progress=False, technology="visium")
+    data = load_fold(dataset_dir, 0)
+    train_part, val_part = data.split("spot", 0.1, 4)
+    history = pd.read_csv(out / "history.csv")
+    best_row = history.loc[history["val_loss"].idxmin()]
+    cfg = train_module.resolve_train_cfg(train_cfg, method_cfg, "tiny")
+    assert summary == {"epochs_run": 3, "best_epoch": int(best_row["epoch"]),
+                       "best_val_loss": pytest.approx(best_row["val_loss"]),
+                       "first_val_loss": pytest.approx(history["val_loss"][0]), "stopped_early": False,
+                       "seconds": pytest.approx(history["seconds"].sum(), abs=2e-3), "device": "cpu",
+                       "n_train_spots": train_module._n_spots(train_part), "n_val_spots": train_module._n_spots(val_part),
+                       "complete": True}
+    assert history["lr"].tolist() == pytest.approx([2e-3 * train_module.lr_factor(e, cfg) for e in range(3)])
+    info = json.loads((out / "train.json").read_text())
+    assert info["config"] == {"method": "tiny", "method_cfg": method_cfg, "train_cfg": cfg, "params": {"hidden": 8},
+                              "dataset_dir": str(dataset_dir), "fold": 0, "seed": 4}
+    assert info["summary"] == summary
+    assert info["train_samples"] == list(train_part) and info["test_samples"] == data.test_samples
+    assert info["device"] == {"type": "cpu", "name": "cpu"} and info["wall_seconds_this_call"] >= info["summary"]["seconds"]
+    identity = train_module.data_identity(dataset_dir, data)
+    fp = train_module.fingerprint("stnet", {"hidden": 8}, cfg, data.genes, 0, 4, identity)
+    assert info["fingerprint_hash"] == train_module.fingerprint_hash(fp)
+
+    best = load_checkpoint(out / "best.pt")
+    assert {k: best[k] for k in ("method", "model_name", "params", "train_cfg", "genes", "fold", "seed", "kind",
+                                 "slide_level", "input_size", "fingerprint", "technology", "epoch")} == {
+        "method": "tiny", "model_name": "stnet", "params": {"hidden": 8}, "train_cfg": cfg, "genes": data.genes,
+        "fold": 0, "seed": 4, "kind": "regression", "slide_level": False, "input_size": 16, "fingerprint": fp,
+        "technology": "visium", "epoch": summary["best_epoch"]}
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["best_epoch"], last["bad_epochs"], last["stopped_early"]) == (
+        3, summary["best_epoch"], 3 - summary["best_epoch"], False)
+    assert last["fingerprint"] == fp and last["fingerprint_hash"] == info["fingerprint_hash"]
+    assert last["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    assert [r["epoch"] for r in last["history"]] == [1, 2, 3] and last["scheduler"]["last_epoch"] == 3
+
+
+def test_data_identity_names_every_file_training_reads(dataset_dir):
+    from cmrcnet.data.datasets import load_fold
+
+    data = load_fold(dataset_dir, 0)
+    identity = train_module.data_identity(dataset_dir, data)
+    expected = {"genes.tsv": data.genes_tsv, "folds.tsv": dataset_dir / "folds.tsv"}
+    for sample in data.train_samples:
+        expected |= {f"st/{sample}": data.st_path(sample), f"patches/{sample}": data.patch_path(sample)}
+    assert identity == {name: train_module.file_identity(path) for name, path in expected.items()}
+    assert len(identity) == 2 + 2 * len(data.train_samples) >= 6  # test samples are not training inputs
+
+
+def test_file_identity_hashes_small_files_and_stamps_large_ones(tmp_path, monkeypatch):
+    small = tmp_path / "genes.tsv"
+    small.write_bytes(b"gene\nA\n")
+    assert train_module.file_identity(small) == "sha256:" + hashlib.sha256(b"gene\nA\n").hexdigest()[:16]
+    monkeypatch.setattr(train_module, "SMALL_FILE", 7)  # the file's own size is still hashed
+    assert train_module.file_identity(str(small)).startswith("sha256:")
+    monkeypatch.setattr(train_module, "SMALL_FILE", 6)
+    stat = small.stat()
+    assert train_module.file_identity(small) == f"size:7,mtime_ns:{stat.st_mtime_ns}"
+    with pytest.raises(CMRCNetError) as err:
+        train_module.file_identity(tmp_path / "gone.h5")
+    assert str(err.value) == f"{tmp_path / 'gone.h5'}: training input not found"
+    with pytest.raises(CMRCNetError, match="training input not found"):
+        train_module.file_identity(tmp_path)  # a folder is not a file
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"half a checkpoint")
+    with pytest.raises(CMRCNetError) as err:
+        load_checkpoint(bad)
+    assert re.fullmatch(rf"{re.escape(str(bad))}: cannot read checkpoint \(\w+\); delete it to start over", str(err.value))
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    torch.save({"epoch": 2, "weights": torch.ones(2)}, tmp_path / "good.pt")
+    good = load_checkpoint(str(tmp_path / "good.pt"))
+    assert good["epoch"] == 2 and good["weights"].device.type == "cpu"
