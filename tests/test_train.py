@@ -862,3 +862,18 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
     torch.save({"epoch": 2, "weights": torch.ones(2)}, tmp_path / "good.pt")
     good = load_checkpoint(str(tmp_path / "good.pt"))
     assert good["epoch"] == 2 and good["weights"].device.type == "cpu"
+
+
+def test_a_deployable_model_refuses_patches_cut_at_different_settings(dataset_dir, tmp_path, built):
+    import h5py
+
+    with h5py.File(dataset_dir / "patches" / "S1.h5", "a") as h5:
+        h5.attrs["um_per_px"] = 1.0
+    cfg = {"epochs": 1, "batch_size": 16, "num_workers": 0, "patience": None, "schedule": "constant"}
+    with pytest.raises(CMRCNetError) as err:
+        train_fold(method="m", method_cfg={"model": "stnet"}, train_cfg=cfg, dataset_dir=dataset_dir, fold="all",
+                   out_dir=tmp_path / "all", seed=0, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{dataset_dir / 'patches'}: patches cut at different settings: ")
+    assert "'S1': {'um_per_px': 1.0" in message and "'S0': {'um_per_px': 0.5" in message
+    assert not (tmp_path / "all" / "best.pt").exists() and not (tmp_path / "all" / "train.json").exists()
