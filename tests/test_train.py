@@ -877,3 +877,14 @@ def test_a_deployable_model_refuses_patches_cut_at_different_settings(dataset_di
     assert message.startswith(f"{dataset_dir / 'patches'}: patches cut at different settings: ")
     assert "'S1': {'um_per_px': 1.0" in message and "'S0': {'um_per_px': 0.5" in message
     assert not (tmp_path / "all" / "best.pt").exists() and not (tmp_path / "all" / "train.json").exists()
+
+
+class _Pickled:
+    """Not a tensor or plain type: only an unsafe, full unpickle can rebuild it."""
+
+
+def test_checkpoints_load_weights_only_so_a_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"epoch": 1, "payload": _Pickled()}, path)
+    with pytest.raises(CMRCNetError, match=r"foreign\.pt: cannot read checkpoint \(UnpicklingError\)"):
+        load_checkpoint(path)
