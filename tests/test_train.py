@@ -888,3 +888,131 @@ def test_checkpoints_load_weights_only_so_a_pickled_object_is_refused(tmp_path):
     torch.save({"epoch": 1, "payload": _Pickled()}, path)
     with pytest.raises(CMRCNetError, match=r"foreign\.pt: cannot read checkpoint \(UnpicklingError\)"):
         load_checkpoint(path)
+
+
+def test_the_log_says_what_trains_each_epochs_losses_the_resume_the_early_stop_and_the_end(dataset_dir, tmp_path,
+                                                                                       built, caplog):
+    """The INFO lines a user follows in a SLURM log, checked against the run's own history and split."""
+    from cmrcnet.data.datasets import load_fold
+
+    out = tmp_path / "out"
+    settings = {"epochs": 10, "lr": 0.0, "patience": 2}
+    with caplog.at_level("INFO", logger="cmrcnet"):
+        run(dataset_dir, out, stop_after_epochs=2, **settings)
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        summary = run(dataset_dir, out, **settings)
+        second = [r.getMessage() for r in caplog.records]
+    train_part, val_part = load_fold(dataset_dir, 0).split("spot", 0.2, 0)
+    start = (f"tiny fold 0: {train_module._n_spots(train_part)} training spots ({', '.join(train_part)}), "
+             f"{train_module._n_spots(val_part)} validation spots, {len(GENES)} genes, device cpu")
+    history = pd.read_csv(out / "history.csv")
+
+    def epoch_line(i):
+        row = history.iloc[i - 1]
+        return (f"tiny fold 0 epoch {i}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}"
+                f"{' *' if i == 1 else ''} ({row['seconds']:.1f} s)")
+
+    assert first == [start, epoch_line(1), epoch_line(2)]
+    assert second == [start, f"tiny fold 0: resuming from {out / 'checkpoints' / 'last.pt'} after epoch 2",
+                      epoch_line(3), "tiny fold 0: early stop, no better validation loss for 2 epochs",
+                      f"tiny fold 0: done, best epoch 1, val loss {summary['best_val_loss']:.4f}"]
+
+
+def test_an_unknown_model_lists_the_known_ones(dataset_dir, tmp_path, built):
+    with pytest.raises(CMRCNetError, match=re.escape(
+            "methods.tiny.model: unknown model 'unet'; use one of cmrcnet, bleep, stnet, histogene, crossmodal")):
+        run(dataset_dir, tmp_path / "out", model="unet")
+
+
+def test_a_slide_models_grid_exactly_as_large_as_the_datas_is_accepted(dataset_dir, tmp_path, built):
+    run(dataset_dir, tmp_path / "out", model="histogene", params={"n_pos": 8}, epochs=1)
+    assert built[0][2] == {"n_pos": 8}
+
+
+def test_the_optimizer_is_the_set_one_with_the_set_rate_and_weight_decay(dataset_dir, tmp_path, built):
+    for name, out in (("Adam", tmp_path / "adam"), ("AdamW", tmp_path / "adamw")):
+        run(dataset_dir, out, epochs=1, lr=2e-3, weight_decay=0.05, optimizer=name)
+        groups = load_checkpoint(out / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+        assert [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in groups] == [(2e-3, 2e-3, 0.05)]
+        # Adam folds the decay into the gradient (L2), AdamW decays the weights: the same start ends apart
+    adam, adamw = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in ("adam", "adamw"))
+    assert not torch.equal(adam["net.0.weight"], adamw["net.0.weight"])
+
+
+class _FittedPartModel(TinySpotModel):
+    """A model with a part fitted before training (as the cross-modal grid's scVI tower is)."""
+
+    prepared: list = []
+
+    def prepare(self, expression, seed, device):
+        type(self).prepared.append((expression.copy(), seed, device))
+
+
+def test_a_part_fitted_before_training_sees_the_training_spots_once(dataset_dir, tmp_path, monkeypatch):
+    from cmrcnet.data.datasets import load_fold
+
+    monkeypatch.setattr(_FittedPartModel, "prepared", [])
+    monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: _FittedPartModel(n_genes))
+    run(dataset_dir, tmp_path / "out", stop_after_epochs=1)
+    run(dataset_dir, tmp_path / "out")  # resumes: the fitted part is in the checkpoint, not fitted again
+    data = load_fold(dataset_dir, 0)
+    train_part, _ = data.split("spot", 0.2, 0)
+    assert len(_FittedPartModel.prepared) == 1
+    expression, seed, device = _FittedPartModel.prepared[0]
+    np.testing.assert_array_equal(expression, data.expression(train_part))
+    assert seed == 0 and device == torch.device("cpu")
+
+
+def test_a_run_stopped_part_way_reports_itself_incomplete_and_writes_no_deliverables(dataset_dir, tmp_path, built):
+    out = tmp_path / "out"
+    assert run(dataset_dir, out, stop_after_epochs=0) == {
+        "epochs_run": 0, "best_epoch": None, "best_val_loss": None, "first_val_loss": None, "stopped_early": False,
+        "seconds": 0, "device": "cpu", "n_train_spots": 64, "n_val_spots": 16, "complete": False}
+    summary = run(dataset_dir, out, stop_after_epochs=1)
+    history = pd.read_csv(out / "history.csv")
+    assert (summary["epochs_run"], summary["best_epoch"], summary["complete"]) == (1, 1, False)
+    assert summary["best_val_loss"] == summary["first_val_loss"] == pytest.approx(history["val_loss"][0])
+    assert round(history["seconds"][0], 3) == history["seconds"][0]  # milliseconds, not float noise
+    assert not (out / "best.pt").exists() and not (out / "train.json").exists()
+    assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "last.pt").exists()
+
+
+class _LossModel(TinySpotModel):
+    """Loss `train_loss` while training and `val_loss` in evaluation."""
+
+    train_loss, val_loss = 1.0, 1.0
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        value = self.train_loss if self.training else self.val_loss
+        return {**out, "loss": out["loss"] * 0 + value}
+
+
+@pytest.mark.parametrize("train_loss, val_loss, message", [
+    (math.inf, 1.0, "tiny fold 0: training loss is inf in epoch 1; try a lower lr or set grad_clip"),
+    (1.0, math.nan, "tiny fold 0: no epoch gave a finite validation loss; no best.pt"),
+])
+def test_a_loss_that_is_not_finite_stops_the_run_with_the_reason(dataset_dir, tmp_path, monkeypatch, train_loss,
+                                                                 val_loss, message):
+    model = type("M", (_LossModel,), {"train_loss": train_loss, "val_loss": val_loss})
+    monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: model(n_genes))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        run(dataset_dir, tmp_path / "out", epochs=2)
+    assert not (tmp_path / "out" / "best.pt").exists()
+
+
+def test_a_checkpoint_without_a_fingerprint_is_moved_aside_and_training_starts_afresh(dataset_dir, tmp_path, built,
+                                                                                     caplog):
+    """A last.pt from before fingerprints (or otherwise stripped of one) cannot be trusted to match the config."""
+    run(dataset_dir, tmp_path / "fresh", epochs=2)
+    last = tmp_path / "out" / "checkpoints" / "last.pt"
+    run(dataset_dir, tmp_path / "out", epochs=2, stop_after_epochs=1)
+    ckpt = load_checkpoint(last)
+    del ckpt["fingerprint"]
+    torch.save(ckpt, last)
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        run(dataset_dir, tmp_path / "out", epochs=2)
+    assert re.search(r"not resuming \S+last\.pt because data\.folds\.tsv, .*, \d+ more changed", caplog.text)
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in ("fresh", "out"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
