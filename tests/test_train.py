@@ -819,6 +819,7 @@ def test_a_finished_run_records_its_config_summary_and_model_exactly(dataset_dir
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (last["epoch"], last["best_epoch"], last["bad_epochs"], last["stopped_early"]) == (
         3, summary["best_epoch"], 3 - summary["best_epoch"], False)
+    assert best["provenance"]["config"] == cfg and set(info["provenance"]) == {"versions"}
     assert last["fingerprint"] == fp and last["fingerprint_hash"] == info["fingerprint_hash"]
     assert last["best_val_loss"] == pytest.approx(summary["best_val_loss"])
     assert [r["epoch"] for r in last["history"]] == [1, 2, 3] and last["scheduler"]["last_epoch"] == 3
@@ -1016,3 +1017,39 @@ def test_a_checkpoint_without_a_fingerprint_is_moved_aside_and_training_starts_a
     assert re.search(r"not resuming \S+last\.pt because data\.folds\.tsv, .*, \d+ more changed", caplog.text)
     a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in ("fresh", "out"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_epoch_starts_from_randomness_fixed_by_its_number_and_validates_after_training(dataset_dir, tmp_path,
+                                                                                           built, monkeypatch):
+    """Every epoch reseeds from (seed, epoch), tells the sampler its epoch, trains, then validates without an
+    optimizer; the progress flag and the epoch's name reach both passes."""
+    calls = []
+    run_epoch = train_module._run_epoch
+
+    def recording(model, loader, optimizer, device, cfg, channels_last, desc, progress):
+        calls.append((desc, optimizer is not None, loader.sampler.epoch if optimizer else None,
+                      torch.random.get_rng_state().clone(), channels_last, progress))
+        return run_epoch(model, loader, optimizer, device, cfg, channels_last, desc, progress)
+
+    monkeypatch.setattr(train_module, "_run_epoch", recording)
+    run(dataset_dir, tmp_path / "out", epochs=2, stop_after_epochs=1)
+    run(dataset_dir, tmp_path / "out", epochs=2)  # the resumed epoch 2 starts where an uninterrupted one would
+    assert [c[:3] for c in calls] == [("tiny fold 0 epoch 1/2", True, 1), ("tiny fold 0 epoch 1/2 (val)", False, None),
+                                      ("tiny fold 0 epoch 2/2", True, 2), ("tiny fold 0 epoch 2/2 (val)", False, None)]
+    for epoch, call in ((1, calls[0]), (2, calls[2])):
+        train_module._seed_everything(0, epoch)
+        assert torch.equal(call[3], torch.random.get_rng_state())
+    assert all(c[4:] == (False, False) for c in calls)
+
+
+def test_channels_last_is_a_cuda_option_the_cpu_ignores(dataset_dir, tmp_path, monkeypatch):
+    layouts = []
+
+    class Recording(TinySpotModel):
+        def forward(self, batch):
+            layouts.append(batch["image"].is_contiguous())
+            return super().forward(batch)
+
+    monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: Recording(n_genes))
+    run(dataset_dir, tmp_path / "out", epochs=1, channels_last=True)
+    assert layouts and all(layouts)
