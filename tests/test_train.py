@@ -259,10 +259,15 @@ def test_unreadable_checkpoint_names_the_file(dataset_dir, tmp_path, built):
         run(dataset_dir, tmp_path / "out")
 
 
-def test_early_stopping_on_validation_loss(dataset_dir, tmp_path, built):
+def test_early_stopping_on_validation_loss(dataset_dir, tmp_path, built, caplog):
     summary = run(dataset_dir, tmp_path / "out", epochs=10, lr=0.0, patience=2)
     assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_epoch"] == 1
     assert len(pd.read_csv(tmp_path / "out" / "history.csv")) == 3
+    # an early-stopped run is finished although it ran fewer epochs than set: asked again, it starts afresh
+    with caplog.at_level("WARNING", logger="cmrcnet"):
+        assert run(dataset_dir, tmp_path / "out", epochs=10, lr=0.0, patience=2) == {
+            **summary, "seconds": pytest.approx(summary["seconds"], abs=5)}
+    assert "because it holds a finished run (3 epochs); moved to" in caplog.text
 
 
 @pytest.mark.parametrize("val_split", ["spot", "sample"])
@@ -777,6 +782,46 @@ def test_an_epoch_without_batches_says_so():
     with pytest.raises(RuntimeError) as err:
         _epoch(Probe(), [])
     assert str(err.value) == "val: no batches (too few spots for the batch size?)"
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records how the bar was made and what it was told."""
+
+    made: list = []
+
+    def __init__(self, iterable, **kwargs):
+        self.iterable, self.kwargs, self.postfix, self.closed = iterable, kwargs, [], False
+        type(self).made.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        self.postfix.append(kwargs)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("tty, interval", [(True, 0.1), (False, 30)])
+def test_the_progress_bar_names_the_epoch_shows_the_running_loss_and_goes_away(monkeypatch, tty, interval):
+    """A live bar on a terminal, a line every 30 s in a log file; the running loss every 10 batches."""
+    import tqdm
+
+    monkeypatch.setattr(_RecordingBar, "made", [])
+    monkeypatch.setattr(tqdm, "tqdm", _RecordingBar)
+    monkeypatch.setattr(train_module.sys.stderr, "isatty", lambda: tty, raising=False)
+    batches = _batches(*[1] * 21)  # batch i has mean i + 1
+    train_module._run_epoch(Probe(), batches, None, torch.device("cpu"), {"amp": False, "grad_clip": None},
+                            False, "m fold 0 epoch 2/5", True)
+    train_module._run_epoch(Probe(), batches, None, torch.device("cpu"), {"amp": False, "grad_clip": None},
+                            False, "quiet", False)
+    shown, quiet = _RecordingBar.made
+    assert shown.kwargs == {"desc": "m fold 0 epoch 2/5", "leave": False, "disable": False, "unit": "batch",
+                            "mininterval": interval}
+    # running means of loss = 2 * (i + 1) after batches 1, 11 and 21
+    assert shown.postfix == [{"loss": "2.0000"}, {"loss": f"{2 * 6:.4f}"}, {"loss": f"{2 * 11:.4f}"}]
+    assert shown.closed and quiet.closed and quiet.kwargs["disable"] is True and quiet.postfix == []
 
 
 def test_a_finished_run_records_its_config_summary_and_model_exactly(dataset_dir, tmp_path, built):
