@@ -707,6 +707,7 @@ def test_slide_loaders_take_one_slide_per_batch_and_no_more_workers_than_slides(
     _, train_part, val_part, (train, val, sampler) = _loader_setup(dataset_dir, model, batch_size=16, num_workers=50)
     assert train.batch_size == val.batch_size == 1 and sampler.n == len(train.dataset) == len(train_part) >= 2
     assert train.drop_last and (train.dataset.augment, val.dataset.augment) == (True, False)
+    assert train.dataset.seed == 5  # whole-slide turns and flips follow the run's seed
     assert (train.num_workers, val.num_workers) == (len(train_part), len(val_part)) and train.persistent_workers
     with pytest.raises(CMRCNetError) as err:
         _loader_setup(dataset_dir, model, shuffle_pairs=True)
@@ -759,6 +760,26 @@ def test_training_steps_once_per_batch_from_fresh_gradients():
     _epoch(model, _batches(2, 2), optimizer)  # d loss / d w = mean(expr): 1, then 2 (not 1 + 2)
     assert model.w.item() == pytest.approx(2.0 - 0.5 * 1 - 0.5 * 2)
     assert all(s["training"] and s["grad"] for s in model.seen)
+
+
+def test_a_parameter_a_batch_does_not_use_is_left_alone_by_that_step():
+    """Gradients are reset to None, not zero, so AdamW neither decays nor moves (by momentum) a parameter that a
+    batch did not touch, as in a branch used only for some batches."""
+
+    class Sometimes(Probe):
+        def __init__(self):
+            super().__init__()
+            self.u = nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            if len(self.seen) == 1:  # the first batch only
+                out["loss"] = out["loss"] + self.u * 3
+            return out
+
+    model = Sometimes()
+    _epoch(model, _batches(2, 2), torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5))
+    assert model.u.item() == pytest.approx(1.0 * (1 - 0.1 * 0.5) - 0.1)  # one step: decay, then Adam's unit step
 
 
 def test_gradients_are_clipped_to_the_set_norm():
