@@ -280,7 +280,7 @@ def _make_loaders(data: Fold, train_part: Part, val_part: Part, model, cfg: dict
                            limit=None if max_steps is None else max_steps * batch_size)
 
     def options(ds) -> dict:
-        workers = min(cfg["num_workers"], len(ds)) if model.slide_level else cfg["num_workers"]
+        workers = min(cfg["num_workers"], len(ds))  # no idle workers (a slide loader has a handful of items)
         return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda"}
 
     train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler,

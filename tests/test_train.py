@@ -679,8 +679,12 @@ def test_spot_loaders_shuffle_and_augment_training_only_and_cap_the_steps(datase
     assert len(val.dataset) == train_module._n_spots(val_part)
     assert (train.dataset.augment, val.dataset.augment, train.dataset.seed, train.dataset.input_size) == (True, False, 5, 16)
     assert train.num_workers == val.num_workers == 0 and not train.persistent_workers and not train.pin_memory
-    _, _, _, (train, val, _) = _loader_setup(dataset_dir, model, num_workers=2)  # spot loaders take the count as given
+    _, _, _, (train, val, _) = _loader_setup(dataset_dir, model, num_workers=2)
     assert train.num_workers == val.num_workers == 2 and train.persistent_workers and val.persistent_workers
+    _, _, _, (train, val, _) = _loader_setup(dataset_dir, model, num_workers=1)  # one worker is kept alive too
+    assert train.num_workers == val.num_workers == 1 and train.persistent_workers and val.persistent_workers
+    _, _, _, (train, val, _) = _loader_setup(dataset_dir, model, num_workers=n_train)  # never more than items
+    assert (train.num_workers, val.num_workers) == (n_train, len(val.dataset)) and len(val.dataset) < n_train
     np.testing.assert_array_equal(train.dataset.expression, data.expression(train_part))  # pairs kept
 
 
