@@ -667,6 +667,7 @@ def _loader_setup(dataset_dir, model, **cfg):
     return data, train_part, val_part, loaders
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # built, never iterated
 def test_spot_loaders_shuffle_and_augment_training_only_and_cap_the_steps(dataset_dir):
     model = TinySpotModel(len(GENES))
     data, train_part, val_part, (train, val, sampler) = _loader_setup(dataset_dir, model, batch_size=4,
