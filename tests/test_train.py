@@ -1124,3 +1124,35 @@ def test_channels_last_is_a_cuda_option_the_cpu_ignores(dataset_dir, tmp_path, m
     monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: Recording(n_genes))
     run(dataset_dir, tmp_path / "out", epochs=1, channels_last=True)
     assert layouts and all(layouts)
+
+
+def test_by_default_a_run_is_seeded_with_0_shows_its_progress_and_splits_by_its_seed(dataset_dir, tmp_path, built,
+                                                                                    monkeypatch):
+    import tqdm
+
+    from cmrcnet.data.datasets import Fold
+
+    splits = []
+    split = Fold.split
+
+    def recording(self, val_split="spot", val_fraction=0.1, seed=0):
+        splits.append((val_split, val_fraction, seed))
+        return split(self, val_split, val_fraction, seed)
+
+    monkeypatch.setattr(Fold, "split", recording)
+    monkeypatch.setattr(_RecordingBar, "made", [])
+    monkeypatch.setattr(tqdm, "tqdm", _RecordingBar)
+    settings = {"epochs": 1, "batch_size": 16, "num_workers": 0, "val_fraction": 0.25}
+    train_fold(method="tiny", method_cfg={"model": "stnet"}, train_cfg=settings, dataset_dir=dataset_dir, fold=0,
+               out_dir=tmp_path / "default")
+    assert load_checkpoint(tmp_path / "default" / "best.pt")["seed"] == 0
+    assert _RecordingBar.made and all(bar.kwargs["disable"] is False for bar in _RecordingBar.made)
+    train_fold(method="tiny", method_cfg={"model": "stnet"}, train_cfg=settings, dataset_dir=dataset_dir, fold=0,
+               out_dir=tmp_path / "seeded", seed=7, progress=False)
+    assert splits == [("spot", 0.25, 0), ("spot", 0.25, 7)]
+
+
+def test_a_bad_setting_in_a_methods_own_train_block_names_that_block(dataset_dir, tmp_path, built):
+    with pytest.raises(CMRCNetError, match=re.escape("methods.tiny.train.lr: invalid value -1")):
+        train_fold(method="tiny", method_cfg={"model": "stnet", "train": {"lr": -1}}, train_cfg={},
+                   dataset_dir=dataset_dir, fold=0, out_dir=tmp_path / "out", progress=False)
