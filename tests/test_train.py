@@ -1027,6 +1027,7 @@ def test_a_part_fitted_before_training_sees_the_training_spots_once(dataset_dir,
     monkeypatch.setattr(_FittedPartModel, "prepared", [])
     monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: _FittedPartModel(n_genes))
     run(dataset_dir, tmp_path / "out", stop_after_epochs=1)
+    assert len(_FittedPartModel.prepared) == 1  # before the first epoch
     run(dataset_dir, tmp_path / "out")  # resumes: the fitted part is in the checkpoint, not fitted again
     data = load_fold(dataset_dir, 0)
     train_part, _ = data.split("spot", 0.2, 0)
@@ -1156,3 +1157,21 @@ def test_a_bad_setting_in_a_methods_own_train_block_names_that_block(dataset_dir
     with pytest.raises(CMRCNetError, match=re.escape("methods.tiny.train.lr: invalid value -1")):
         train_fold(method="tiny", method_cfg={"model": "stnet", "train": {"lr": -1}}, train_cfg={},
                    dataset_dir=dataset_dir, fold=0, out_dir=tmp_path / "out", progress=False)
+
+
+def test_an_unscored_first_epoch_counts_against_the_patience_once(dataset_dir, tmp_path, built, monkeypatch):
+    """A first epoch without a finite validation loss is one bad epoch, not two: patience 2 still reaches the
+    improvement in epoch 2 and stops after two more epochs without one."""
+    real = train_module._run_epoch
+    scripted = [math.nan, 1.0, 2.0, 3.0, 0.5]
+
+    def run_epoch(model, loader, optimizer, device, cfg, channels_last, desc, progress):
+        stats = real(model, loader, optimizer, device, cfg, channels_last, desc, progress)
+        if optimizer is None:
+            stats["loss"] = scripted[int(re.search(r" epoch (\d+)/", desc).group(1)) - 1]
+        return stats
+
+    monkeypatch.setattr(train_module, "_run_epoch", run_epoch)
+    summary = run(dataset_dir, tmp_path / "out", epochs=5, patience=2)
+    assert (summary["epochs_run"], summary["best_epoch"], summary["stopped_early"]) == (4, 2, True)
+    assert summary["best_val_loss"] == 1.0 and math.isnan(summary["first_val_loss"])
