@@ -275,7 +275,8 @@ def test_slide_level_model_gets_n_pos_and_whole_slides(dataset_dir, tmp_path, bu
     summary = run(dataset_dir, tmp_path / "out", model="histogene", epochs=2, val_split=val_split)
     assert built[0][0] == "histogene" and built[0][2]["n_pos"] == 8
     assert summary["n_train_spots"] + summary["n_val_spots"] == 80
-    assert load_checkpoint(tmp_path / "out" / "best.pt")["params"]["n_pos"] == 8
+    best = load_checkpoint(tmp_path / "out" / "best.pt")
+    assert best["params"]["n_pos"] == 8 and best["slide_level"] is True  # prediction feeds it whole slides
     with pytest.raises(CMRCNetError, match=r"params\.n_pos: 3 is below the data's 8"):
         run(dataset_dir, tmp_path / "other", model="histogene", params={"n_pos": 3})
 
