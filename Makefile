@@ -35,7 +35,7 @@ lint: $(STAMP)
 MUTANTS ?=
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut>=3.8,<4"
-	$(BIN)/mutmut run $(MUTANTS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run $(MUTANTS)  # one torch thread per mutmut child
 	$(BIN)/mutmut results
 
 clean:
