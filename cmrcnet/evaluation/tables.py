@@ -339,7 +339,7 @@ def build_tables(scores: pd.DataFrame, gene_sets: pd.DataFrame, label_rows: pd.D
     note = f"mean ± sd over folds; in brackets the paper's value and our difference; {UNDEFINED_R_NOTES[undefined_r]}"
     dataset_rank = {d: i for i, d in enumerate(config.get("datasets", {}))}
     method_rank = {m: i for i, m in enumerate(config["methods"])}
-    ordered = labels.assign(_m=labels["method"].map(method_rank), _k=labels["k"].fillna(-1),
+    ordered = labels.assign(_m=labels["method"].map(method_rank), _k=pd.to_numeric(labels["k"]).fillna(-1),
                             _t=labels["tta"].astype(int)).sort_values(["_m", "_k", "_t"], kind="stable")
     label_rank = {label: i for i, label in enumerate(ordered["label"])}  # config order of methods, then k
 
