@@ -1082,10 +1082,10 @@ def test_a_loss_that_is_not_finite_stops_the_run_with_the_reason(dataset_dir, tm
     assert not (tmp_path / "out" / "best.pt").exists()
 
 
-def test_a_stale_best_checkpoint_is_not_deployed_when_no_epoch_of_this_run_scores(dataset_dir, tmp_path, monkeypatch):
+def test_a_stale_best_checkpoint_is_not_deployed_when_no_epoch_of_this_run_scores(dataset_dir, tmp_path, built,
+                                                                                  monkeypatch):
     """A job that died after writing best.pt and before last.pt leaves a best.pt of a run that is not resumed."""
     out = tmp_path / "out"
-    monkeypatch.setattr(train_module, "build_model", lambda name, n_genes, params: TinySpotModel(n_genes))
     run(dataset_dir, out, epochs=2, stop_after_epochs=1)
     (out / "checkpoints" / "last.pt").unlink()
     model = type("M", (_LossModel,), {"val_loss": math.nan})
